@@ -1,0 +1,87 @@
+"""The ``msnet`` dispatcher: picks the subcommand and hands the rest of argv to its Hydra main.
+
+Hydra owns argv, so the dispatcher only rewrites it: ``msnet train a=1 -m`` runs
+the train app with ``a=1 -m``; positional conveniences become overrides
+(``msnet report DIR`` -> ``dir=DIR``, ``msnet evaluate PATH`` -> ``ckpt=PATH``).
+``-m``, ``--cfg job`` and ``--help`` keep working because Hydra sees them as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "train": ("msnet.commands.train", "train an ODE-ResNet (Hydra overrides; -m for sweeps)"),
+    "evaluate": ("msnet.commands.evaluate", "evaluate a checkpoint: msnet evaluate ckpt=PATH"),
+    "report": ("msnet.commands.report", "tabulate every run under a folder: msnet report DIR"),
+}
+POSITIONAL = {"report": "dir", "evaluate": "ckpt"}
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def usage() -> str:
+    lines = ["usage: msnet COMMAND [overrides...]", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [
+        "",
+        "examples:",
+        "  msnet train                                   # Fashion-MNIST, paper-style ODE-ResNet",
+        "  msnet train model.layers=8 optimizer=sgd optimizer.lr=0.1 dataset=mnist",
+        "  msnet train -m model.layers=2,4 seed=0,1       # a sweep: one run directory per job",
+        "  msnet train --cfg job                         # show the composed config",
+        "  msnet evaluate ckpt=outputs/train/DATE/TIME/checkpoints/last.pt",
+        "  msnet report multirun/train/DATE/TIME",
+        "",
+        "msnet COMMAND --help lists the config groups and options of a command.",
+    ]
+    return "\n".join(lines)
+
+
+def _quote(value: str) -> str:
+    """Quote a path for Hydra's override grammar."""
+    if "'" not in value:
+        return f"'{value}'"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def rewrite(command: str, args: List[str]) -> List[str]:
+    """Turn the subcommand's positional argument (if it has one) into its override."""
+    key = POSITIONAL.get(command)
+    if key is None:
+        return args
+    out, skip = [], False
+    for a in args:
+        if skip:
+            out.append(a)
+            skip = False
+            continue
+        if a in FLAGS_WITH_VALUE:
+            skip = True
+            out.append(a)
+        elif not a.startswith("-") and "=" not in a:
+            out.append(f"{key}={_quote(a)}")
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``msnet`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (msnet --help)", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"msnet {command}", *rewrite(command, rest)]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

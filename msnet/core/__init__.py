@@ -1,0 +1,14 @@
+"""The ODE-ResNet core: residual functions, integrators, the network. No Hydra, no file I/O."""
+
+from msnet.core.activations import ACTIVATIONS
+from msnet.core.device import resolve_device
+from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, ExplicitRungeKutta
+from msnet.core.network import CLASSIFIERS, ModelSpec, ODEBlock, ODEResNet, StageSpec, build_model, count_parameters
+from msnet.core.residual import RESIDUALS, AbstractResidual
+
+__all__ = [
+    "ACTIVATIONS", "INTEGRATORS", "RESIDUALS", "CLASSIFIERS",
+    "AbstractIntegrator", "AbstractResidual", "ExplicitRungeKutta",
+    "ModelSpec", "StageSpec", "ODEBlock", "ODEResNet",
+    "build_model", "count_parameters", "resolve_device",
+]

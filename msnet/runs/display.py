@@ -1,0 +1,89 @@
+"""What a run shows a person: a rich progress bar while it trains, tables when it ends.
+
+Everything printed goes through one recording :class:`rich.console.Console`, and
+:meth:`RunConsole.save` writes it to the run directory as ``console.txt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class RunConsole:
+    """A recording console (stdout) plus a progress-bar factory."""
+
+    def __init__(self, quiet: bool = False):
+        self.console = Console(record=True, quiet=quiet, highlight=False, soft_wrap=False)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self.console.print(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        """Print one red line to stderr (and record it)."""
+        self.console.print(f"[red]error:[/red] {message}", highlight=False)
+        if not self.console.file.isatty():
+            print(f"error: {message}", file=sys.stderr)
+
+    def progress(self, enabled: bool = True) -> Progress:
+        """A progress bar with epoch, batches, loss, accuracy and throughput.
+
+        It refreshes only when the trainer calls ``refresh`` (no background
+        thread competing with training for the two CPU cores).
+        """
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            auto_refresh=False,
+            transient=True,
+            disable=not enabled,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write everything printed so far to ``path`` as plain text."""
+        Path(path).write_text(self.console.export_text(clear=False))
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A table cell: floats rounded, percentages for accuracies in [0, 1] left to the caller."""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+    return "" if value is None else str(value)
+
+
+def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequence[str]) -> Table:
+    """A table with one row per record and the given columns (missing values left blank)."""
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c, justify="right" if c not in ("run", "level", "split") else "left")
+    for r in records:
+        table.add_row(*(fmt(r.get(c)) for c in columns))
+    return table
+
+
+def key_value_table(title: str, items: Dict[str, Any]) -> Table:
+    """A two-column table of a summary."""
+    table = Table(title=title, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for k, v in items.items():
+        table.add_row(k, fmt(v))
+    return table
+
+
+def columns_of(records: Iterable[Dict[str, Any]], preferred: List[str]) -> List[str]:
+    """``preferred`` columns that occur in any record, in that order."""
+    present = set().union(*(r.keys() for r in records)) if records else set()
+    return [c for c in preferred if c in present]

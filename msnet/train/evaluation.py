@@ -1,0 +1,66 @@
+"""``evaluate_checkpoint``: rebuild a network from its checkpoint alone and measure it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from msnet import MsnetError
+from msnet.core import ModelSpec, build_model, resolve_device
+from msnet.data import prepare_data
+from msnet.runs import RunConsole, RunDir, load_checkpoint
+from msnet.runs.display import records_table
+from msnet.train.api import load_model_state
+from msnet.train.loop import evaluate
+from msnet.train.setup import resolve_dtype
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
+    """Evaluate ``cfg.ckpt`` on ``cfg.splits``; returns one record per split (loss, acc, n).
+
+    The dataset config comes from the checkpoint; every non-null ``cfg.dataset.<key>``
+    replaces the saved value. Results go to ``run_dir/evaluation.json`` when given.
+    """
+    console = console or RunConsole()
+    ckpt = load_checkpoint(cfg.ckpt)
+    try:
+        spec = ModelSpec.from_dict(ckpt["model_spec"])
+    except TypeError as err:
+        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
+    saved = OmegaConf.create(ckpt["config"])
+    data_cfg = saved.dataset
+    for key, value in (cfg.dataset or {}).items():
+        if value is not None:
+            data_cfg[key] = value
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(saved.get("dtype", "float32"))
+    data = prepare_data(data_cfg, device, dtype)
+    if data.image_size != tuple(spec.image_size) or data.in_channels != spec.in_channels:
+        raise MsnetError(
+            f"checkpoint {ckpt['path']} expects {spec.in_channels}x{spec.image_size[0]}x{spec.image_size[1]} images "
+            f"but {data.name} has {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}; "
+            "evaluate on the dataset it was trained on"
+        )
+    model = build_model(spec).to(device=device, dtype=dtype)
+    load_model_state(model, ckpt)
+    records = []
+    for split in cfg.splits:
+        x, y = data.split(str(split))
+        m = evaluate(model, x, y, int(cfg.batch_size))
+        records.append({"split": str(split), "loss": m["loss"], "acc": m["acc"], "n": int(len(y))})
+    console.print(
+        f"[bold]msnet evaluate[/bold]  {ckpt['path']}  (epoch {ckpt['epoch']}, {data.name} "
+        f"{data.image_size[0]}x{data.image_size[1]}, depth {ckpt.get('depth')})"
+    )
+    shown = [{**r, "acc": f"{r['acc']:.2%}"} for r in records]
+    console.print(records_table("evaluation", shown, ["split", "loss", "acc", "n"]))
+    if run_dir is not None:
+        run = RunDir(run_dir)
+        run.write_config(cfg)
+        run.write_command()
+        run.write_json("evaluation.json", {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "results": records})
+        console.save(run.path / "console.txt")
+    return records

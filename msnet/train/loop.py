@@ -1,0 +1,93 @@
+"""The inner loops: one training epoch and one evaluation pass, on in-memory tensors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msnet import MsnetError
+from msnet.data import batches, num_batches
+
+
+class NonFiniteLoss(MsnetError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochResult:
+    """Mean training loss and accuracy over the epoch's samples, wall time in seconds."""
+
+    loss: float
+    acc: float
+    seconds: float
+    samples: int
+
+
+ProgressCallback = Callable[[int, float, float, float], None]
+"""``cb(batches_done, mean_loss, mean_acc, images_per_second)``, called every ``log_every`` batches."""
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    grad_clip: Optional[float] = None,
+    log_every: int = 25,
+    on_progress: Optional[ProgressCallback] = None,
+    epoch: int = 0,
+) -> EpochResult:
+    """One pass over ``(x, y)`` in shuffled mini-batches with cross-entropy loss.
+
+    Running sums stay on the device and are read back only every ``log_every``
+    batches (and at the end), so the loop adds no host synchronisation per batch.
+    Raises :class:`NonFiniteLoss` as soon as a read-back finds NaN or inf.
+    """
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    seen = 0
+    total = num_batches(x.shape[0], batch_size)
+    for i, (xb, yb) in enumerate(batches(x, y, batch_size, generator, shuffle=True), start=1):
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * yb.shape[0]
+            correct += (logits.argmax(1) == yb).sum()
+        seen += yb.shape[0]
+        if i % log_every == 0 or i == total:
+            mean_loss = loss_sum.item() / seen
+            if not torch.isfinite(torch.tensor(mean_loss)):
+                raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch}, batch {i}")
+            if on_progress is not None:
+                on_progress(i, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
+    return EpochResult(loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start, seen)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Dict[str, float]:
+    """Mean cross-entropy ``loss`` and accuracy ``acc`` (fraction in [0, 1]) of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    for xb, yb in batches(x, y, batch_size):
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    n = max(1, y.shape[0])
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}

@@ -1,0 +1,105 @@
+"""From config to objects: seeding, config checks, model spec, resumed configs."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from msnet import MsnetError
+from msnet.core import ACTIVATIONS, INTEGRATORS, RESIDUALS, CLASSIFIERS, ModelSpec, StageSpec
+from msnet.data import DATASETS, DataBundle
+from msnet.train.optim import OPTIMIZERS, SCHEDULERS
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32`` or ``float64``."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MsnetError(f"unknown dtype {name!r}; use dtype=float32 or dtype=float64") from None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every registry name and range once, before data is loaded or anything is written."""
+    if cfg.seed is None:
+        raise MsnetError("seed must be an integer (e.g. seed=0)")
+    DATASETS.get(cfg.dataset.name)
+    RESIDUALS.get(cfg.model.residual)
+    ACTIVATIONS.get(cfg.model.activation)
+    INTEGRATORS.get(cfg.model.integrator)
+    if cfg.model.classifier not in CLASSIFIERS:
+        raise MsnetError(
+            f"unknown classifier {cfg.model.classifier!r}; choose one of: {', '.join(sorted(CLASSIFIERS))}"
+        )
+    OPTIMIZERS.get(cfg.optimizer.name)
+    if cfg.optimizer.scheduler not in SCHEDULERS:
+        raise MsnetError(
+            f"unknown optimizer.scheduler {cfg.optimizer.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
+    resolve_dtype(cfg.dtype)
+    for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
+        if cfg.trainer[key] < 1:
+            raise MsnetError(f"trainer.{key} must be at least 1, got {cfg.trainer[key]}")
+    for key in ("channels", "stages", "layers", "growth"):
+        if cfg.model[key] < 1:
+            raise MsnetError(f"model.{key} must be at least 1, got {cfg.model[key]}")
+    if not cfg.model.T > 0:
+        raise MsnetError(f"model.T must be positive, got {cfg.model.T}")
+
+
+def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
+    """The :class:`ModelSpec` the ``model`` config describes, sized for ``data``."""
+    stages = [
+        StageSpec(int(model_cfg.channels * model_cfg.growth**i), int(model_cfg.layers), float(model_cfg.T))
+        for i in range(int(model_cfg.stages))
+    ]
+    spec = ModelSpec(
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+        stages=stages,
+        residual=model_cfg.residual,
+        activation=model_cfg.activation,
+        integrator=model_cfg.integrator,
+        classifier=model_cfg.classifier,
+    )
+    spec.validate()
+    return spec
+
+
+def override_keys(overrides: Optional[List[str]]) -> List[str]:
+    """Config keys named by command-line overrides (``+a.b=1`` -> ``a.b``; ``optimizer=sgd`` -> ``optimizer``)."""
+    keys = []
+    for o in overrides or []:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key and not key.startswith("hydra"):
+            keys.append(key)
+    return keys
+
+
+def resumed_config(saved: dict, current: DictConfig, overrides: Optional[List[str]]) -> DictConfig:
+    """The checkpoint's config, with the keys the user overrode now taken from ``current``.
+
+    ``msnet train resume=PATH`` repeats the interrupted run exactly; ``... trainer.epochs=10``
+    extends it. ``resume`` itself always comes from ``current``.
+    """
+    cfg = OmegaConf.create(saved)
+    with open_dict(cfg):
+        for key in override_keys(overrides):
+            value = OmegaConf.select(current, key, throw_on_missing=False)
+            OmegaConf.update(cfg, key, OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value, merge=False, force_add=True)
+        cfg.resume = current.resume
+    return cfg
