@@ -63,7 +63,7 @@ class TrainerConfig:
     name: str = "single"
     epochs: int = 3
     batch_size: int = 128
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 128
     log_every: int = 25  # batches between progress-bar updates
     progress: bool = True
     grad_clip: Optional[float] = None
@@ -99,7 +99,7 @@ class EvaluateConfig:
     splits: Any = field(default_factory=lambda: ["val", "test"])
     device: str = "auto"
     threads: Optional[int] = None
-    batch_size: int = 1000
+    batch_size: int = 128
 
 
 @dataclass

@@ -71,6 +71,11 @@ def load_checkpoint(path: str | os.PathLike | None, map_location: Any = "cpu") -
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Weights only load failed" in str(err):
+            raise MsnetError(
+                f"{p} holds Python objects that safe loading (weights_only=True) refuses; "
+                "it was not written by msnet, pass a checkpoint from msnet train"
+            ) from None
         raise MsnetError(
             f"checkpoint {p} is truncated or not a torch file ({first[:120]}); "
             "use another checkpoint, e.g. the run's checkpoints/last.pt"

@@ -191,11 +191,11 @@ def train(
 
     final: Dict[str, Any] = {}
     if status == "completed":
-        for split in ("val", "test"):
-            x, y = data.split(split)
-            if len(y):
-                m = evaluate(model, x, y, cfg.trainer.eval_batch_size)
-                final[f"{split}_loss"], final[f"{split}_acc"] = m["loss"], m["acc"]
+        if history and history[-1].get("val_acc") is not None:
+            final["val_loss"], final["val_acc"] = history[-1]["val_loss"], history[-1]["val_acc"]
+        if len(data.y_test):
+            m = evaluate(model, data.x_test, data.y_test, cfg.trainer.eval_batch_size)
+            final["test_loss"], final["test_acc"] = m["loss"], m["acc"]
     best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
     summary: Dict[str, Any] = {
         "status": status,

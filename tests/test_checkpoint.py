@@ -1,0 +1,84 @@
+"""Checkpoints: atomic writes, weights_only loads, one-line errors for bad files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from msnet import MsnetError
+from msnet.core import ModelSpec, StageSpec, build_model
+from msnet.runs import load_checkpoint, save_checkpoint
+
+
+def payload():
+    spec = ModelSpec(1, 3, (8, 8), [StageSpec(2, 2, 1.0)])
+    model = build_model(spec)
+    return spec, model, {"model_spec": spec.to_dict(), "model": model.state_dict(), "config": {"seed": 0}, "epoch": 1,
+                         "rng": {"torch": torch.get_rng_state()}}
+
+
+def test_round_trip_rebuilds_the_model(tmp_path):
+    spec, model, p = payload()
+    path = save_checkpoint(tmp_path / "ck" / "last.pt", p)
+    assert [f for f in os.listdir(path.parent)] == ["last.pt"]  # no temp file left behind
+    ck = load_checkpoint(path)
+    rebuilt = build_model(ModelSpec.from_dict(ck["model_spec"]))
+    rebuilt.load_state_dict(ck["model"])
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    assert ck["format"] == "msnet-checkpoint/1"
+
+
+def test_run_folder_resolves_to_last(tmp_path):
+    _, _, p = payload()
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", p)
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 1
+
+
+def test_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    _, _, p = payload()
+    path = save_checkpoint(tmp_path / "last.pt", p)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {**p, "epoch": 2})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_bad_checkpoints_give_one_line(tmp_path):
+    _, _, p = payload()
+    path = save_checkpoint(tmp_path / "last.pt", p)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    cases = [
+        (tmp_path / "missing.pt", "does not exist"),
+        (truncated, "truncated"),
+        (other, "not an msnet checkpoint"),
+        (None, "no checkpoint given"),
+        (tmp_path, "without checkpoints/last.pt"),
+    ]
+    for target, match in cases:
+        with pytest.raises(MsnetError, match=match) as err:
+            load_checkpoint(target)
+        assert "\n" not in str(err.value)
+
+
+def test_loading_refuses_pickled_code(tmp_path):
+    """weights_only=True: a file that needs arbitrary unpickling is rejected, not executed."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "msnet-checkpoint/1", "x": Evil()}, path)
+    with pytest.raises(MsnetError, match="weights_only=True"):
+        load_checkpoint(path)

@@ -1,0 +1,120 @@
+"""The installed ``msnet`` command, run as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "dataset=synthetic", "dataset.n_train=400", "dataset.n_test=100", "dataset.val_size=100",
+    "dataset.image_size=8", "model.channels=4", "trainer.epochs=1", "trainer.batch_size=100", "device=cpu",
+]
+
+
+def msnet(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("msnet")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "msnet"]
+    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"msnet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.slow
+def test_help_and_cfg(tmp_path):
+    top = msnet("--help", cwd=tmp_path).stdout
+    assert "train" in top and "evaluate" in top and "report" in top
+    train_help = msnet("train", "--help", cwd=tmp_path).stdout
+    assert "dataset: cifar10, fashion_mnist, mnist, npz, synthetic" in train_help
+    job = msnet("train", "--cfg", "job", "model.layers=8", cwd=tmp_path).stdout
+    assert "layers: 8" in job and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_sweep_then_report(tmp_path):
+    msnet("train", "-m", "model.layers=1,2", "seed=0,1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    jobs = sorted(p.parent for p in (tmp_path / "sweep").rglob("summary.json"))
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        cfg = (job / "config.yaml").read_text()
+        seen.add((cfg.split("layers: ")[1].split()[0], cfg.split("\nseed: ")[1].split()[0]))
+        assert json.loads((job / "summary.json").read_text())["status"] == "completed"
+        assert (job / "checkpoints" / "last.pt").exists() and (job / "metrics.jsonl").exists()
+    assert seen == {("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")}
+    out = msnet("report", "sweep", cwd=tmp_path).stdout
+    assert "4 runs under sweep" in out
+    with open(tmp_path / "sweep" / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {"model.layers", "seed", "final_test_acc"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_train_evaluate_resume_round_trip(tmp_path):
+    msnet("train", *TINY, "hydra.run.dir=run1", cwd=tmp_path)
+    ck = tmp_path / "run1" / "checkpoints" / "last.pt"
+    ev = msnet("evaluate", str(ck), "device=cpu", "hydra.run.dir=ev", cwd=tmp_path)
+    assert "evaluation" in ev.stdout
+    saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert {r["split"]: r["acc"] for r in saved["results"]}["test"] == summary["final_test_acc"]
+    msnet("train", f"resume={ck}", "trainer.epochs=2", "hydra.run.dir=run2", cwd=tmp_path)
+    assert json.loads((tmp_path / "run2" / "summary.json").read_text())["epochs"] == 2
+    assert (tmp_path / "run2" / "command.txt").read_text().startswith("msnet train resume=")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "model.integrator=nope"], "error: unknown integrator 'nope'; choose one of"),
+        (["train", "dataset=npz"], "error: dataset=npz needs a file"),
+        (["train", "dataset=mnist", "dataset.root=nodata", "dataset.download=false"], "error: mnist is not in"),
+        (["evaluate", "ckpt=missing.pt"], "error: checkpoint missing.pt does not exist"),
+        (["report", "nowhere"], "error: nowhere is not a folder"),
+        (["frobnicate"], "error: unknown command 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, match):
+    proc = msnet(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert match in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len([l for l in proc.stderr.splitlines() if l.strip()]) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_unknown_group_option_lists_the_choices(tmp_path):
+    proc = msnet("train", "dataset=imagenet", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'dataset/imagenet'" in proc.stderr and "fashion_mnist" in proc.stderr
+
+
+@pytest.mark.slow
+def test_configs_ship_in_the_wheel(tmp_path):
+    """The configs are found from an installed wheel, not only from a checkout."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True, capture_output=True, timeout=600,
+    )
+    wheel = next((tmp_path / "dist").glob("msnet-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"msnet/conf/train.yaml", "msnet/conf/dataset/fashion_mnist.yaml", "msnet/conf/hydra/default.yaml"} <= set(names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    code = (
+        "import msnet, sys; assert msnet.__file__.startswith(sys.argv[1]), msnet.__file__;"
+        "from msnet.cli import main; sys.argv=['msnet','train','--cfg','job']; main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "integrator: euler" in out.stdout

@@ -1,0 +1,85 @@
+"""Configs: the real ones compose, with and without overrides; bad overrides fail at composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from msnet import MsnetError
+from msnet.train.setup import check_config, override_keys, resumed_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["dataset", "model", "optimizer", "trainer", "experiment"]
+
+
+def test_default_composes(compose_cfg):
+    cfg = compose_cfg("train")
+    assert cfg.dataset.name == "fashion_mnist"
+    assert cfg.model.integrator == "euler" and cfg.model.classifier == "full_field"
+    assert isinstance(cfg.seed, int)
+    check_config(cfg)
+
+
+def test_overrides_compose(compose_cfg):
+    cfg = compose_cfg("train", ["model.layers=8", "optimizer=sgd", "optimizer.lr=0.1", "dataset=mnist"])
+    assert cfg.model.layers == 8 and cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.1
+    assert cfg.dataset.name == "mnist"
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_group_option_composes(compose_cfg, group, option):
+    cfg = compose_cfg("train", [f"{group}={option}"])
+    check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("model.layers=abc", (ValidationError, HydraException)),
+        ("model.nonexistent=1", (ConfigKeyError, HydraException)),
+        ("dataset=nope", ConfigCompositionException),
+        ("optimizer=nope", ConfigCompositionException),
+        ("trainer.epochs=1.5", (ValidationError, HydraException)),
+    ],
+)
+def test_bad_overrides_fail_at_composition(compose_cfg, override, error):
+    with pytest.raises(error):
+        compose_cfg("train", [override])
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("model.integrator=nope", "unknown integrator 'nope'; choose one of"),
+        ("model.activation=nope", "unknown activation"),
+        ("dataset.name=nope", "unknown dataset 'nope'"),
+        ("optimizer.name=nope", "unknown optimizer"),
+        ("optimizer.scheduler=nope", "unknown optimizer.scheduler"),
+        ("trainer.epochs=0", "trainer.epochs must be at least 1"),
+        ("dtype=float16", "unknown dtype"),
+    ],
+)
+def test_bad_values_fail_early_with_one_line(compose_cfg, override, match):
+    cfg = compose_cfg("train", [override])
+    with pytest.raises(MsnetError, match=match) as err:
+        check_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_resumed_config_takes_only_overridden_keys(compose_cfg):
+    saved = compose_cfg("train", ["model.layers=2", "trainer.epochs=3"])
+    current = compose_cfg("train", ["trainer.epochs=5", "optimizer=sgd", "resume=/x.pt"])
+    from omegaconf import OmegaConf
+
+    merged = resumed_config(OmegaConf.to_container(saved), current, ["trainer.epochs=5", "optimizer=sgd", "resume=/x.pt"])
+    assert merged.trainer.epochs == 5
+    assert merged.model.layers == 2  # from the checkpoint
+    assert merged.optimizer.name == "sgd" and merged.optimizer.lr == 0.1  # the whole group replaced
+    assert merged.resume == "/x.pt"
+    assert override_keys(["+pyramid=2level", "~x", "hydra.run.dir=a"]) == ["pyramid", "x"]
