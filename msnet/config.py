@@ -7,7 +7,7 @@ config is composed, before anything runs.
 
 
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -71,11 +71,33 @@ class TrainerConfig:
 
 
 @dataclass
+class PyramidConfig:
+    """Coarse-to-fine image-pyramid training (Haber et al. 2018, Alg. 1); lists run coarsest first."""
+
+    levels: int = 2
+    epochs: List[int] = field(default_factory=lambda: [2, 1])
+    lr: Optional[List[float]] = None  # per level; null: optimizer.lr on every level
+    operator: str = "linear"  # image/stencil transfer (msnet.multigrid.TRANSFERS)
+    sigma: float = 1.0  # Gaussian smoothing (fine pixels) before each restriction of the images
+
+
+@dataclass
+class RegularizerConfig:
+    """The paper's derivative-based regularisers (Haber et al. 2018, Sec. 4; Haber & Ruthotto 2017)."""
+
+    classifier_smoothness: float = 0.0  # weight of ||grad W||^2 over the classifier grid
+    stencil_smoothness: float = 0.0  # weight of sum_k ||K_{k+1} - K_k||^2 / h across layers
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    pyramid: Optional[PyramidConfig] = None
+    level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -103,6 +125,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class TransferConfig:
+    source: Optional[str] = None  # level of the checkpoint: fine, coarse, coarser or a pixel size
+    target: Optional[str] = None  # level to move it to
+    ckpt: Optional[str] = None  # default: the latest run under `outputs` trained at `source`
+    native: Optional[str] = None  # a checkpoint trained at `target`, for comparison
+    outputs: str = "outputs"  # where to look for runs when ckpt is not given
+    operator: str = "linear"
+    sigma: float = 1.0  # smoothing before each image restriction (as in pyramid training)
+    splits: Any = field(default_factory=lambda: ["val", "test"])
+    device: str = "auto"
+    threads: Optional[int] = None
+    batch_size: int = 128
+
+
+@dataclass
 class ReportConfig:
     dir: Optional[str] = None
     sort: Optional[str] = None
@@ -114,3 +151,4 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="report_schema", node=ReportConfig)
+    cs.store(name="transfer_schema", node=TransferConfig)

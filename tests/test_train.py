@@ -39,7 +39,7 @@ def test_real_fashion_run_learns(fashion_cfg, tmp_path):
 def test_run_directory_and_checkpoint_describe_themselves(tiny_cfg, tmp_path):
     summary = train(tiny_cfg(), tmp_path / "run")
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ck["epoch"] == 2 and ck["depth"] == [2] and ck["resolution"] == [8, 8] and ck["level"] == "single"
+    assert ck["epoch"] == 2 and ck["depth"] == [2] and ck["resolution"] == [8, 8] and ck["level"] == "fine"
     assert ck["config"]["model"]["layers"] == 2 and ck["optimizer"] is not None and "data" in ck["rng"]
     assert len(ck["history"]) == 2
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -5,3 +5,7 @@ from msnet.multigrid.space import (
 )
 
 __all__ = ["TRANSFERS", "galerkin_condition", "galerkin_map", "get_transfer", "prolong_stencil", "restrict_stencil"]
+
+from msnet.multigrid.network import gaussian_blur, resample_images, restrict_images, transfer_resolution
+
+__all__ += ["gaussian_blur", "resample_images", "restrict_images", "transfer_resolution"]

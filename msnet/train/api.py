@@ -15,10 +15,14 @@ from msnet.data import prepare_data
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
+from msnet.multigrid import transfer_resolution
 from msnet.train.optim import build_optimizer, build_scheduler
+from msnet.train.regularizers import build_regularizer
+from msnet.train.schedule import Level, build_schedule, level_data
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
 
-EPOCH_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
+EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
+LEVEL_COLUMNS = ["level", "resolution", "epochs", "val_loss", "val_acc", "test_loss", "test_acc", "time_s"]
 
 
 def _rng_state(generator: torch.Generator) -> Dict[str, Any]:
@@ -56,9 +60,12 @@ def train(
 ) -> Dict[str, Any]:
     """Train one network as ``cfg`` says and write everything into ``run_dir``.
 
-    ``overrides`` are the command-line overrides; with ``cfg.resume`` they say which
-    keys replace the checkpoint's saved config. Returns the summary (also in
-    ``run_dir/summary.json``). Raises :class:`MsnetError` for anything a person can fix.
+    The run goes through the levels of :func:`msnet.train.schedule.build_schedule`: one
+    level for plain training, coarsest-to-finest for ``+pyramid=...`` (stencils and
+    classifier prolonged between levels). ``overrides`` are the command-line overrides;
+    with ``cfg.resume`` they say which keys replace the checkpoint's saved config.
+    Returns the summary (also in ``run_dir/summary.json``). Raises :class:`MsnetError`
+    for anything a person can fix.
     """
     console = console or RunConsole()
     run = RunDir(run_dir)
@@ -76,56 +83,74 @@ def train(
 
     t_setup = time.perf_counter()
     data = prepare_data(cfg.dataset, device, dtype)
-    spec = model_spec(cfg.model, data)
+    native_spec = model_spec(cfg.model, data)
+    schedule = build_schedule(cfg, data.image_size, len(native_spec.stages))
+    op = cfg.pyramid.operator if cfg.get("pyramid") else "linear"
+    sigma = float(cfg.pyramid.sigma) if cfg.get("pyramid") else 1.0
     set_seed(int(cfg.seed))
-    model = build_model(spec).to(device=device, dtype=dtype)
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.trainer.epochs)
+    model = build_model(native_spec).to(device=device, dtype=dtype)
+    if schedule[0].down:
+        # Built at native size for identical random draws, then moved to the coarsest grid.
+        model = transfer_resolution(model, -schedule[0].down, op)
     generator = torch.Generator().manual_seed(int(cfg.seed))
     history: List[Dict[str, Any]] = []
-    start_epoch = 0
+    start_level, start_level_epoch = 0, 0
     if ckpt is not None:
+        start_level, start_level_epoch = int(ckpt.get("level_index", 0)), int(ckpt.get("level_epoch", ckpt["epoch"]))
+        if start_level >= len(schedule):
+            raise MsnetError(f"checkpoint {ckpt['path']} is at level {start_level}, beyond this schedule; start a new run")
+        if start_level:
+            model = transfer_resolution(model, schedule[0].down - schedule[start_level].down, op)
         saved = ModelSpec.from_dict(ckpt["model_spec"])
-        if saved != spec:
+        if saved != model.spec:
             raise MsnetError(
-                f"checkpoint {ckpt['path']} holds a different model ({_spec_diff(saved, spec)}); "
+                f"checkpoint {ckpt['path']} holds a different model ({_spec_diff(saved, model.spec)}); "
                 "drop the model/dataset overrides to resume it, or start a new run"
             )
         load_model_state(model, ckpt)
-        if ckpt.get("optimizer") is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler") is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
         _restore_rng(ckpt["rng"], generator)
         history = list(ckpt.get("history", []))
-        start_epoch = int(ckpt["epoch"])
-        if start_epoch >= cfg.trainer.epochs:
+        if start_level == len(schedule) - 1 and start_level_epoch >= schedule[-1].epochs:
             raise MsnetError(
-                f"checkpoint {ckpt['path']} already finished {start_epoch} epochs; "
-                f"add trainer.epochs=N with N > {start_epoch} to train further"
+                f"checkpoint {ckpt['path']} already finished {ckpt['epoch']} epochs; "
+                f"add trainer.epochs=N with N > {ckpt['epoch']} to train further"
             )
     run.reset_metrics(history)
     setup_s = time.perf_counter() - t_setup
 
-    n_params = count_parameters(model)
     console.print(
         f"[bold]msnet train[/bold]  {data.name} {data.image_size[0]}x{data.image_size[1]} "
         f"(train {data.sizes()['train']}, val {data.sizes()['val']}, test {data.sizes()['test']})  "
-        f"model {cfg.model.name}: {spec.integrator}, stages {[(s.channels, s.layers) for s in spec.stages]}, "
-        f"{n_params} parameters  device {device}  run {run.path}"
-        + (f"  [yellow]resumed from {ckpt['path']} at epoch {start_epoch}[/yellow]" if ckpt else "")
+        f"model {cfg.model.name}: {native_spec.integrator}, stages "
+        f"{[(s.channels, s.layers) for s in native_spec.stages]}, {count_parameters(model)} parameters  "
+        f"device {device}  run {run.path}"
+        + (f"  [yellow]resumed from {ckpt['path']} at epoch {ckpt['epoch']}[/yellow]" if ckpt else "")
     )
+    if len(schedule) > 1:
+        console.print("levels: " + " -> ".join(
+            f"{lv.name} {data.image_size[0] >> lv.down}x{data.image_size[1] >> lv.down} ({lv.epochs} ep)" for lv in schedule))
 
     ckpt_path = run.checkpoints / "last.pt"
     wall_before = history[-1]["wall_time_s"] if history else 0.0
     t0 = time.perf_counter()
     status, error = "completed", None
+    last_good: Optional[int] = None
+    epoch = history[-1]["epoch"] if history else 0
+    level_summaries: List[Dict[str, Any]] = list(ckpt.get("levels", [])) if ckpt else []
+    optimizer = scheduler = None
+    cache: Dict[int, Any] = {}
 
-    def checkpoint(epoch: int) -> None:
+    def data_at(down: int):
+        if down not in cache:
+            cache[down] = level_data(data, down, op, sigma)
+        return cache[down]
+
+    def checkpoint(li: int, level_epoch: int) -> None:
+        lv = schedule[li]
         save_checkpoint(
             ckpt_path,
             {
-                "model_spec": spec.to_dict(),
+                "model_spec": model.spec.to_dict(),
                 "model": model.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "epoch": epoch,
@@ -133,57 +158,82 @@ def train(
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "rng": _rng_state(generator),
                 "history": history,
-                "resolution": list(data.image_size),
+                "resolution": list(model.spec.image_size),
                 "depth": model.depth(),
-                "level": "single",
+                "level": lv.name,
+                "level_index": li,
+                "level_epoch": level_epoch,
+                "levels": level_summaries,
+                "schedule": [x.to_dict() for x in schedule],
             },
         )
 
-    last_good = None
-    epoch = start_epoch
     try:
         with console.progress(bool(cfg.trainer.progress)) as progress:
-            for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
-                n_batches = -(-data.sizes()["train"] // cfg.trainer.batch_size)
-                task = progress.add_task(
-                    f"epoch {epoch}/{cfg.trainer.epochs}", total=n_batches, loss="-", acc="-", ips="-"
-                )
+            for li in range(start_level, len(schedule)):
+                lv = schedule[li]
+                first_epoch = start_level_epoch if li == start_level else 0
+                if li > start_level:
+                    model = transfer_resolution(model, schedule[li - 1].down - lv.down, op)
+                d = data_at(lv.down)
+                t_level = time.perf_counter()
+                opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
+                optimizer = build_optimizer(model.parameters(), opt_cfg)
+                scheduler = build_scheduler(optimizer, opt_cfg, max(1, lv.epochs))
+                if ckpt is not None and li == start_level and first_epoch < lv.epochs:
+                    if ckpt.get("optimizer") is not None:
+                        optimizer.load_state_dict(ckpt["optimizer"])
+                    if scheduler is not None and ckpt.get("scheduler") is not None:
+                        scheduler.load_state_dict(ckpt["scheduler"])
+                penalty = build_regularizer(model, cfg.regularizer)
+                size = f"{d.image_size[0]}x{d.image_size[1]}"
+                for level_epoch in range(first_epoch + 1, lv.epochs + 1):
+                    epoch += 1
+                    n_batches = -(-d.sizes()["train"] // cfg.trainer.batch_size)
+                    label = f"{lv.name} {size} " if len(schedule) > 1 else ""
+                    task = progress.add_task(
+                        f"{label}epoch {level_epoch}/{lv.epochs}", total=n_batches, loss="-", acc="-", ips="-"
+                    )
 
-                def on_progress(done: int, loss: float, acc: float, ips: float, task=task) -> None:
-                    progress.update(task, completed=done, loss=f"{loss:.4f}", acc=f"{acc:.2%}", ips=f"{ips:.0f}")
-                    progress.refresh()
+                    def on_progress(done: int, loss: float, acc: float, ips: float, task=task) -> None:
+                        progress.update(task, completed=done, loss=f"{loss:.4f}", acc=f"{acc:.2%}", ips=f"{ips:.0f}")
+                        progress.refresh()
 
-                lr = optimizer.param_groups[0]["lr"]
-                result = train_epoch(
-                    model, optimizer, data.x_train, data.y_train, cfg.trainer.batch_size, generator,
-                    cfg.trainer.grad_clip, cfg.trainer.log_every, on_progress, epoch,
-                )
-                if scheduler is not None:
-                    scheduler.step()
-                val = evaluate(model, data.x_val, data.y_val, cfg.trainer.eval_batch_size) if data.sizes()["val"] else {}
-                progress.remove_task(task)
-                record = {
-                    "epoch": epoch,
-                    "level": "single",
-                    "train_loss": result.loss,
-                    "train_acc": result.acc,
-                    "val_loss": val.get("loss"),
-                    "val_acc": val.get("acc"),
-                    "lr": lr,
-                    "epoch_time_s": result.seconds,
-                    "samples_per_s": result.samples / result.seconds,
-                    "wall_time_s": wall_before + time.perf_counter() - t0,
-                }
-                history.append(record)
-                run.log_metrics(record)
-                console.print(
-                    f"epoch {epoch:>3}  train loss {result.loss:.4f} acc {result.acc:.2%}  "
-                    + (f"val loss {val['loss']:.4f} acc {val['acc']:.2%}  " if val else "")
-                    + f"{result.seconds:.1f}s"
-                )
-                if epoch % cfg.trainer.checkpoint_every == 0 or epoch == cfg.trainer.epochs:
-                    checkpoint(epoch)
-                    last_good = epoch
+                    lr = optimizer.param_groups[0]["lr"]
+                    result = train_epoch(
+                        model, optimizer, d.x_train, d.y_train, cfg.trainer.batch_size, generator,
+                        cfg.trainer.grad_clip, cfg.trainer.log_every, on_progress, epoch, penalty,
+                    )
+                    if scheduler is not None:
+                        scheduler.step()
+                    val = evaluate(model, d.x_val, d.y_val, cfg.trainer.eval_batch_size) if d.sizes()["val"] else {}
+                    progress.remove_task(task)
+                    record = {
+                        "epoch": epoch,
+                        "level": lv.name,
+                        "level_epoch": level_epoch,
+                        "resolution": list(d.image_size),
+                        "train_loss": result.loss,
+                        "train_acc": result.acc,
+                        "val_loss": val.get("loss"),
+                        "val_acc": val.get("acc"),
+                        "lr": lr,
+                        "epoch_time_s": result.seconds,
+                        "samples_per_s": result.samples / result.seconds,
+                        "wall_time_s": wall_before + time.perf_counter() - t0,
+                    }
+                    history.append(record)
+                    run.log_metrics(record)
+                    console.print(
+                        f"{label}epoch {epoch:>3}  train loss {result.loss:.4f} acc {result.acc:.2%}  "
+                        + (f"val loss {val['loss']:.4f} acc {val['acc']:.2%}  " if val else "")
+                        + f"{result.seconds:.1f}s"
+                    )
+                    if level_epoch == lv.epochs:
+                        level_summaries.append(_level_summary(lv, d, model, history, time.perf_counter() - t_level, cfg))
+                    if level_epoch % cfg.trainer.checkpoint_every == 0 or level_epoch == lv.epochs:
+                        checkpoint(li, level_epoch)
+                        last_good = epoch
     except KeyboardInterrupt:
         status = "interrupted"
     except NonFiniteLoss as err:
@@ -191,15 +241,13 @@ def train(
 
     final: Dict[str, Any] = {}
     if status == "completed":
-        if history and history[-1].get("val_acc") is not None:
-            final["val_loss"], final["val_acc"] = history[-1]["val_loss"], history[-1]["val_acc"]
-        if len(data.y_test):
-            m = evaluate(model, data.x_test, data.y_test, cfg.trainer.eval_batch_size)
-            final["test_loss"], final["test_acc"] = m["loss"], m["acc"]
-    best = max((r for r in history if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+        last = level_summaries[-1] if level_summaries else {}
+        final = {k: last[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc") if last.get(k) is not None}
+    best = max((r for r in history if r.get("val_acc") is not None and r.get("level") == schedule[-1].name),
+               key=lambda r: r["val_acc"], default=None)
     summary: Dict[str, Any] = {
         "status": status,
-        "epochs": history[-1]["epoch"] if history else 0,
+        "epochs": epoch,
         **({f"final_{k}": v for k, v in final.items()}),
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "final_train_acc": history[-1]["train_acc"] if history else None,
@@ -207,13 +255,15 @@ def train(
         "best_val_epoch": best["epoch"] if best else None,
         "wall_time_s": wall_before + time.perf_counter() - t0,
         "setup_time_s": setup_s,
-        "parameters": n_params,
+        "parameters": count_parameters(model),
         "device": str(device),
         "dataset": data.name,
-        "resolution": list(data.image_size),
+        "level": schedule[-1].name,
+        "resolution": list(model.spec.image_size),
         "depth": model.depth(),
+        "levels": level_summaries,
         "data_sizes": data.sizes(),
-        "checkpoint": str(ckpt_path) if last_good is not None or (ckpt is not None) else None,
+        "checkpoint": str(ckpt_path) if ckpt_path.exists() else None,
         "resumed_from": ckpt["path"] if ckpt else None,
         "run_dir": str(run.path),
     }
@@ -222,6 +272,10 @@ def train(
     run.write_summary(summary)
 
     console.print(records_table("epochs", history, columns_of(history, EPOCH_COLUMNS)))
+    if len(schedule) > 1 and level_summaries:
+        shown_levels = [{**lvs, **{k: f"{lvs[k]:.2%}" for k in ("val_acc", "test_acc") if lvs.get(k) is not None}}
+                        for lvs in level_summaries]
+        console.print(records_table("levels", shown_levels, LEVEL_COLUMNS))
     shown = {k: summary[k] for k in (
         "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
         "wall_time_s", "parameters", "device", "checkpoint") if summary.get(k) is not None}
@@ -232,12 +286,25 @@ def train(
     console.save(run.path / "console.txt")
 
     if status == "failed":
-        where = f"the last good checkpoint is {ckpt_path} (epoch {last_good})" if last_good else "no epoch finished, so no checkpoint was written"
+        where = (f"the last good checkpoint is {ckpt_path} (epoch {last_good})" if last_good
+                 else "no epoch finished, so no checkpoint was written")
         raise MsnetError(f"{error}; {where}; lower optimizer.lr or set trainer.grad_clip")
     if status == "interrupted":
         hint = f"msnet train resume={ckpt_path}" if ckpt_path.exists() else "a new run (no epoch had finished)"
-        raise MsnetError(f"interrupted during epoch {epoch}; continue with: {hint}", )
+        raise MsnetError(f"interrupted during epoch {epoch}; continue with: {hint}")
     return summary
+
+
+def _level_summary(lv: Level, d: Any, model: torch.nn.Module, history: List[Dict[str, Any]], seconds: float,
+                   cfg: DictConfig) -> Dict[str, Any]:
+    """Accuracy and loss at the end of a level (validation from the last epoch, test measured now)."""
+    last = history[-1]
+    out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}", "epochs": lv.epochs,
+           "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"), "time_s": seconds}
+    if d.sizes()["test"]:
+        m = evaluate(model, d.x_test, d.y_test, cfg.trainer.eval_batch_size)
+        out["test_loss"], out["test_acc"] = m["loss"], m["acc"]
+    return out
 
 
 def _spec_diff(a: ModelSpec, b: ModelSpec) -> str:

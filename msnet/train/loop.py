@@ -43,12 +43,14 @@ def train_epoch(
     log_every: int = 25,
     on_progress: Optional[ProgressCallback] = None,
     epoch: int = 0,
+    penalty: Optional[Callable[[], torch.Tensor]] = None,
 ) -> EpochResult:
     """One pass over ``(x, y)`` in shuffled mini-batches with cross-entropy loss.
 
     Running sums stay on the device and are read back only every ``log_every``
     batches (and at the end), so the loop adds no host synchronisation per batch.
-    Raises :class:`NonFiniteLoss` as soon as a read-back finds NaN or inf.
+    Raises :class:`NonFiniteLoss` as soon as a read-back finds NaN or inf. ``penalty()``
+    (a regulariser) is added to the objective; the reported loss is the data loss alone.
     """
     model.train()
     start = time.perf_counter()
@@ -60,7 +62,7 @@ def train_epoch(
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty() if penalty is not None else loss).backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()

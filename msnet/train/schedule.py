@@ -1,0 +1,137 @@
+"""Level schedules: the resolutions (and epochs, learning rates) a training run goes through.
+
+A plain run has one level. ``+pyramid=NLlevel`` trains on images restricted N-1 times
+first, then prolongs stencils and classifier one level at a time up to ``level`` (the
+paper's Algorithm 1). Level names: ``fine`` = the data's native resolution,
+``coarse`` = one restriction, ``coarser`` = two; ``downK`` beyond.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from msnet import MsnetError
+from msnet.data import DataBundle
+from msnet.multigrid import TRANSFERS, restrict_images
+
+LEVEL_NAMES = ("fine", "coarse", "coarser")
+
+
+@dataclass
+class Level:
+    """One level of a schedule: ``down`` restrictions below the native resolution."""
+
+    name: str
+    down: int
+    epochs: int
+    lr: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def level_name(down: int) -> str:
+    """``fine``, ``coarse``, ``coarser``, then ``down3``, ..."""
+    return LEVEL_NAMES[down] if down < len(LEVEL_NAMES) else f"down{down}"
+
+
+def parse_level(level: Any, native: Tuple[int, int]) -> int:
+    """Number of restrictions below ``native`` that a level name or pixel size means."""
+    text = str(level).strip()
+    if text in LEVEL_NAMES:
+        return LEVEL_NAMES.index(text)
+    if text.startswith("down") and text[4:].isdigit():
+        return int(text[4:])
+    if text.isdigit():
+        size, down = int(text), 0
+        h = native[0]
+        while h > size and h % 2 == 0:
+            h //= 2
+            down += 1
+        if h != size:
+            raise MsnetError(
+                f"level {text}: no level of {native[0]}x{native[1]} images is {text} pixels wide; "
+                f"use fine, coarse, coarser or one of {_sizes(native)}"
+            )
+        return down
+    raise MsnetError(f"unknown level {text!r}; use fine, coarse, coarser or a pixel size such as {native[0] // 2}")
+
+
+def _sizes(native: Tuple[int, int]) -> str:
+    sizes, h = [], native[0]
+    while h >= 2:
+        sizes.append(str(h))
+        if h % 2:
+            break
+        h //= 2
+    return ", ".join(sizes)
+
+
+def max_restrictions(native: Tuple[int, int], stages: int) -> int:
+    """How often ``native`` images can be halved while the last stage still has a grid of >= 2x2 pixels."""
+    h, w = native
+    k = 0
+    while h % 2 ** (k + stages) == 0 and w % 2 ** (k + stages) == 0 and min(h, w) // 2 ** (k + stages) >= 2:
+        k += 1
+    return k
+
+
+def check_levels(native: Tuple[int, int], coarsest: int, stages: int, what: str, fix: str) -> None:
+    """Fail with one line if the images cannot be restricted ``coarsest`` times for this network.
+
+    ``fix(k)`` words the remedy given the largest admissible number of restrictions k.
+    """
+    if coarsest > max_restrictions(native, stages):
+        h, w = native
+        need = 2 ** (coarsest + stages - 1)
+        raise MsnetError(
+            f"{what} is too deep for {h}x{w} images with {stages} stage(s): the coarsest level needs "
+            f"{h}x{w} divisible by {need}; {fix(max_restrictions(native, stages))}"
+        )
+
+
+def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level]:
+    """The levels ``cfg`` asks for, coarsest first, ending at ``cfg.level``."""
+    finest = parse_level(cfg.level, native)
+    pyramid = cfg.get("pyramid")
+    if pyramid is None:
+        levels = [Level(level_name(finest), finest, int(cfg.trainer.epochs))]
+    else:
+        n = int(pyramid.levels)
+        if n < 1:
+            raise MsnetError(f"pyramid.levels must be at least 1, got {n}")
+        epochs = list(pyramid.epochs)
+        if len(epochs) != n:
+            raise MsnetError(f"pyramid.epochs needs {n} entries (coarsest first), got {epochs}")
+        lrs = list(pyramid.lr) if pyramid.lr is not None else [None] * n
+        if len(lrs) != n:
+            raise MsnetError(f"pyramid.lr needs {n} entries (coarsest first) or null, got {lrs}")
+        if pyramid.operator not in TRANSFERS:
+            TRANSFERS.get(pyramid.operator)
+        levels = [
+            Level(level_name(finest + n - 1 - i), finest + n - 1 - i, int(epochs[i]), lrs[i]) for i in range(n)
+        ]
+        if any(lv.epochs < 0 for lv in levels):
+            raise MsnetError(f"pyramid.epochs must be >= 0, got {epochs}")
+    if pyramid is not None:
+        check_levels(native, levels[0].down, stages, f"pyramid.levels={pyramid.levels}" + (f" ending at level={cfg.level}" if finest else ""),
+                     lambda k: f"use pyramid.levels={k - finest + 1} or fewer" if k >= finest else f"use level=fine and at most {k + 1} levels")
+    else:
+        check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
+    return levels
+
+
+def level_data(data: DataBundle, down: int, op: str = "linear", sigma: float = 1.0) -> DataBundle:
+    """``data`` with every split's images restricted ``down`` times (Gaussian smoothing, then R)."""
+    if down == 0:
+        return data
+    with torch.no_grad():
+        return replace(
+            data,
+            x_train=restrict_images(data.x_train, down, op, sigma),
+            x_val=restrict_images(data.x_val, down, op, sigma),
+            x_test=restrict_images(data.x_test, down, op, sigma),
+        )

@@ -1,0 +1,174 @@
+"""Network transfer between resolutions and coarse-to-fine (pyramid) training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+import msnet.train.api as api
+from msnet import MsnetError
+from msnet.core import ModelSpec, StageSpec, build_model
+from msnet.multigrid import get_transfer, restrict_images, transfer_resolution
+from msnet.multigrid.space import restrict_stencil
+from msnet.runs import load_checkpoint, read_metrics
+from msnet.train import train
+from msnet.train.regularizers import build_regularizer, classifier_smoothness, time_smoothness
+from msnet.train.schedule import build_schedule, parse_level
+
+TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
+
+
+def net(size=16, stages=1, classifier="full_field", activation="tanh", layers=3):
+    torch.manual_seed(0)
+    spec = ModelSpec(1, 5, (size, size), [StageSpec(3 * 2**i, layers, 1.0) for i in range(stages)],
+                     classifier=classifier, activation=activation)
+    return build_model(spec).double()
+
+
+@pytest.mark.parametrize("stages,classifier", [(1, "full_field"), (2, "full_field"), (2, "gap")])
+def test_network_round_trip_moves_every_stencil(stages, classifier):
+    fine = net(16, stages, classifier)
+    coarse = transfer_resolution(fine, -1)
+    assert coarse.spec.image_size == (8, 8) and fine.spec.image_size == (16, 16)
+    for (name, a), (_, b) in zip(fine.state_dict().items(), coarse.state_dict().items()):
+        if a.shape[-2:] == (3, 3) and not name.startswith("classifier"):
+            torch.testing.assert_close(b, restrict_stencil(a), rtol=0, atol=0)
+        elif not name.startswith("classifier"):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    back = transfer_resolution(coarse, +1)
+    for name, a in fine.state_dict().items():
+        if a.shape[-2:] == (3, 3) and not name.startswith("classifier"):
+            torch.testing.assert_close(back.state_dict()[name], a, rtol=0, atol=1e-12)
+    assert coarse(torch.randn(2, 1, 8, 8, dtype=torch.float64)).shape == (2, 5)
+
+
+def test_full_field_classifier_is_consistent_across_grids():
+    """h_H^d (R W_h)^T y_H == h_h^d W_h^T (P y_H) exactly: the same L2 inner product."""
+    fine = net(16)
+    coarse = transfer_resolution(fine, -1)
+    y = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    P = get_transfer("linear").prolong
+    torch.testing.assert_close(coarse.classifier(y), fine.classifier(P(y)), rtol=0, atol=1e-12)
+
+
+def test_linear_block_commutes_with_transfer_for_the_constant_pair():
+    """One linear Euler step: R Phi_h(P y) = Phi_H(y) exactly when R P = I (piecewise-constant pair)."""
+    fine = net(16, activation="identity", layers=1)
+    coarse = transfer_resolution(fine, -1, op="constant")
+    op = get_transfer("constant")
+    y = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(op.restrict(fine.blocks[0](op.prolong(y))), coarse.blocks[0](y), rtol=0, atol=1e-12)
+
+
+def test_too_deep_transfer_is_one_line():
+    with pytest.raises(MsnetError, match="divisible by 8"):
+        transfer_resolution(net(12, stages=2), -2)
+
+
+def test_restrict_images():
+    x = torch.randn(2, 1, 28, 28)
+    assert restrict_images(x, 2).shape == (2, 1, 7, 7)
+    torch.testing.assert_close(restrict_images(x, 1, sigma=0), get_transfer("linear").restrict(x))
+    # smoothing keeps constants
+    torch.testing.assert_close(restrict_images(torch.ones(1, 1, 8, 8), 1)[..., 1:-1, 1:-1], torch.ones(1, 1, 2, 2))
+
+
+def test_levels_parse(compose_cfg):
+    assert parse_level("fine", (28, 28)) == 0 and parse_level("coarse", (28, 28)) == 1
+    assert parse_level("7", (28, 28)) == 2
+    with pytest.raises(MsnetError, match="no level of 28x28 images is 10 pixels"):
+        parse_level("10", (28, 28))
+    cfg = compose_cfg("train", ["+pyramid=3level"])
+    assert [(lv.name, lv.down) for lv in build_schedule(cfg, (28, 28), 1)] == [("coarser", 2), ("coarse", 1), ("fine", 0)]
+    with pytest.raises(MsnetError, match="pyramid.levels=3 is too deep for 28x28 images with 3 stage") as err:
+        build_schedule(compose_cfg("train", ["+pyramid=3level", "model=resnet3"]), (28, 28), 3)
+    assert "use pyramid.levels=1 or fewer" in str(err.value)
+    with pytest.raises(MsnetError, match="pyramid.epochs needs 2 entries"):
+        build_schedule(compose_cfg("train", ["+pyramid=2level", "pyramid.epochs=[1]"]), (28, 28), 1)
+
+
+def test_pyramid_forms_users_type(compose_cfg):
+    assert compose_cfg("train", ["+pyramid=2level"]).pyramid.levels == 2
+    assert compose_cfg("train").get("pyramid") is None
+    with pytest.raises(ConfigCompositionException, match=r"\+pyramid=2level"):
+        compose_cfg("train", ["pyramid=2level"])
+    exp = compose_cfg("train", ["experiment=pyramid_fashion"])
+    assert exp.pyramid.levels == 2
+    assert compose_cfg("train", ["experiment=pyramid_fashion", "pyramid=3level"]).pyramid.levels == 3
+
+
+def test_pyramid_training_runs_coarse_to_fine(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,1]"])
+    summary = train(cfg, tmp_path / "run")
+    assert [lv["level"] for lv in summary["levels"]] == ["coarse", "fine"]
+    assert [lv["resolution"] for lv in summary["levels"]] == ["8x8", "16x16"]
+    metrics = read_metrics(tmp_path / "run")
+    assert [(m["level"], m["resolution"]) for m in metrics] == [("coarse", [8, 8]), ("coarse", [8, 8]), ("fine", [16, 16])]
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck["resolution"] == [16, 16] and ck["level"] == "fine" and ck["model_spec"]["image_size"] == [16, 16]
+    assert summary["final_test_acc"] > 0.5  # 4 classes
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["levels"][0]["test_acc"] is not None
+    assert "levels" in (tmp_path / "run" / "console.txt").read_text()
+
+
+def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]"])
+    train(cfg, tmp_path / "full")
+    real = api.train_epoch
+    calls = {"n": 0}
+
+    def cut(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first epoch of the fine level
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "train_epoch", cut)
+    with pytest.raises(MsnetError, match="interrupted"):
+        train(cfg, tmp_path / "cut")
+    monkeypatch.setattr(api, "train_epoch", real)
+    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
+    assert load_checkpoint(ck)["level"] == "coarse"
+    resumed = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]", f"resume={ck}"])
+    train(resumed, tmp_path / "resumed", overrides=[f"resume={ck}"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMES} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(tmp_path / "full"))
+
+
+def test_train_at_a_coarse_level(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg(["dataset.image_size=16", "level=coarse"]), tmp_path / "run")
+    assert summary["resolution"] == [8, 8] and summary["level"] == "coarse"
+    with pytest.raises(MsnetError, match="too deep"):
+        train(tiny_cfg(["dataset.image_size=16", "level=down4"]), tmp_path / "deep")
+
+
+def test_regularizers():
+    model = net(8)
+    with torch.no_grad():
+        model.classifier.set_field_weights(torch.ones(5, 3, 8, 8, dtype=torch.float64))
+        for p in model.blocks[0].step_parameters().values():
+            p.copy_(p[:1].expand_as(p))
+    assert classifier_smoothness(model).item() == 0 and time_smoothness(model).item() == 0
+    with torch.no_grad():
+        ramp = torch.arange(8, dtype=torch.float64).view(1, 1, 8, 1).expand(5, 3, 8, 8)
+        model.classifier.set_field_weights(ramp.clone())
+    # 7 unit differences per column, 8 columns, 15 (class, channel) pairs
+    assert classifier_smoothness(model).item() == pytest.approx(7 * 8 * 15)
+    from omegaconf import OmegaConf
+
+    pen = build_regularizer(model, OmegaConf.create({"classifier_smoothness": 0.5, "stencil_smoothness": 1.0}))
+    value = pen()
+    value.backward()
+    assert value.item() == pytest.approx(0.5 * 7 * 8 * 15)
+    assert model.classifier.V.grad is not None
+    with pytest.raises(MsnetError, match="full_field"):
+        build_regularizer(net(8, classifier="gap"), OmegaConf.create({"classifier_smoothness": 1.0, "stencil_smoothness": 0.0}))
+
+
+def test_training_with_regularizers(tiny_cfg, tmp_path):
+    s = train(tiny_cfg(["regularizer.classifier_smoothness=1e-3", "regularizer.stencil_smoothness=1e-2"]), tmp_path / "r")
+    assert s["status"] == "completed" and s["final_test_acc"] > 0.4
