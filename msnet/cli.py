@@ -15,9 +15,12 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("msnet.commands.train", "train an ODE-ResNet (Hydra overrides; -m for sweeps)"),
     "evaluate": ("msnet.commands.evaluate", "evaluate a checkpoint: msnet evaluate ckpt=PATH"),
+    "transfer": ("msnet.commands.transfer", "move a network between resolutions: msnet transfer --from coarse --to fine ckpt=PATH"),
     "report": ("msnet.commands.report", "tabulate every run under a folder: msnet report DIR"),
 }
-POSITIONAL = {"report": "dir", "evaluate": "ckpt"}
+POSITIONAL = {"report": "dir", "evaluate": "ckpt", "transfer": "ckpt"}
+OPTIONS = {"transfer": {"--from": "source", "--to": "target"}}
+"""Flags that become overrides: ``--from coarse`` / ``--from=coarse`` -> ``source=coarse`` (``from`` is a keyword)."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
 
@@ -34,6 +37,9 @@ def usage() -> str:
         "  msnet train --cfg job                         # show the composed config",
         "  msnet evaluate ckpt=outputs/train/DATE/TIME/checkpoints/last.pt",
         "  msnet report multirun/train/DATE/TIME",
+        "  msnet train level=coarse                      # train on 14x14 Fashion-MNIST",
+        "  msnet train +pyramid=2level                   # coarse-to-fine: 14x14, then 28x28",
+        "  msnet transfer --from coarse --to fine ckpt=PATH [native=PATH]",
         "",
         "msnet COMMAND --help lists the config groups and options of a command.",
     ]
@@ -48,7 +54,26 @@ def _quote(value: str) -> str:
 
 
 def rewrite(command: str, args: List[str]) -> List[str]:
-    """Turn the subcommand's positional argument (if it has one) into its override."""
+    """Turn the subcommand's flags and positional argument (if it has them) into overrides."""
+    options = OPTIONS.get(command, {})
+    args = list(args)
+    converted: List[str] = []
+    i = 0
+    while i < len(args):
+        flag, _, inline = args[i].partition("=")
+        if flag in options:
+            if inline:
+                value = inline
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise SystemExit(f"error: {flag} needs a value, e.g. {flag} coarse")
+            converted.append(f"{options[flag]}={value}")
+        else:
+            converted.append(args[i])
+        i += 1
+    args = converted
     key = POSITIONAL.get(command)
     if key is None:
         return args

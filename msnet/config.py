@@ -103,6 +103,7 @@ class TrainConfig:
     dtype: str = "float32"
     threads: Optional[int] = None
     resume: Optional[str] = None
+    init: Optional[str] = None  # warm start: weights from a checkpoint (e.g. msnet transfer's), fresh optimiser
 
 
 def _all_optional(cls: type, name: str) -> type:

@@ -118,3 +118,16 @@ def test_configs_ship_in_the_wheel(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "integrator: euler" in out.stdout
+
+
+@pytest.mark.slow
+def test_pyramid_then_transfer_as_typed(tmp_path):
+    tiny16 = [a if a != "dataset.image_size=8" else "dataset.image_size=16" for a in TINY]
+    out = msnet("train", "+pyramid=2level", "pyramid.epochs=[1,1]", *tiny16, cwd=tmp_path).stdout
+    assert "coarse 8x8" in out and "fine 16x16" in out
+    proc = msnet("transfer", "--from", "fine", "--to", "coarse", "device=cpu", cwd=tmp_path)
+    assert "using the latest run trained at level fine" in proc.stdout
+    assert "stencil transfer" in proc.stdout and "naive kernel reuse" in proc.stdout
+    assert list((tmp_path / "outputs" / "transfer").rglob("transferred.pt"))
+    bad = msnet("train", "+pyramid=3level", "model=resnet3", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "too deep for 28x28 images" in bad.stderr and "Traceback" not in bad.stderr

@@ -106,7 +106,7 @@ def test_evaluate_rebuilds_from_the_file_alone(tiny_cfg, compose_cfg, tmp_path):
 def test_evaluate_refuses_data_of_another_size(tiny_cfg, compose_cfg, tmp_path):
     train(tiny_cfg(), tmp_path / "run")
     ev = compose_cfg("evaluate", [f"ckpt={tmp_path / 'run'}", "device=cpu", "dataset.image_size=12"])
-    with pytest.raises(MsnetError, match="expects 1x8x8 images"):
+    with pytest.raises(MsnetError, match="expects 8x8 images, which no level of synthetic"):
         evaluate_checkpoint(ev)
 
 

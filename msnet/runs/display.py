@@ -67,7 +67,7 @@ def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequen
     """A table with one row per record and the given columns (missing values left blank)."""
     table = Table(title=title, show_lines=False)
     for c in columns:
-        table.add_column(c, justify="right" if c not in ("run", "level", "split") else "left")
+        table.add_column(c, justify="left" if c in ("run", "level", "split", "method", "resolution", "status") else "right")
     for r in records:
         table.add_row(*(fmt(r.get(c)) for c in columns))
     return table

@@ -92,6 +92,16 @@ def train(
     if schedule[0].down:
         # Built at native size for identical random draws, then moved to the coarsest grid.
         model = transfer_resolution(model, -schedule[0].down, op)
+    if cfg.get("init") and ckpt is None:
+        warm = load_checkpoint(cfg.init)
+        saved = ModelSpec.from_dict(warm["model_spec"])
+        if saved != model.spec:
+            raise MsnetError(
+                f"init={warm['path']} holds a different model than this run starts with "
+                f"({_spec_diff(saved, model.spec)}); match the model, level and pyramid to the checkpoint"
+            )
+        load_model_state(model, warm)
+        console.print(f"weights from {warm['path']} (level {warm.get('level')})")
     generator = torch.Generator().manual_seed(int(cfg.seed))
     history: List[Dict[str, Any]] = []
     start_level, start_level_epoch = 0, 0

@@ -15,6 +15,7 @@ from msnet.runs import RunConsole, RunDir, load_checkpoint
 from msnet.runs.display import records_table
 from msnet.train.api import load_model_state
 from msnet.train.loop import evaluate
+from msnet.train.schedule import data_for_size
 from msnet.train.setup import resolve_dtype
 
 
@@ -38,12 +39,12 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(saved.get("dtype", "float32"))
     data = prepare_data(data_cfg, device, dtype)
-    if data.image_size != tuple(spec.image_size) or data.in_channels != spec.in_channels:
+    if data.in_channels != spec.in_channels:
         raise MsnetError(
-            f"checkpoint {ckpt['path']} expects {spec.in_channels}x{spec.image_size[0]}x{spec.image_size[1]} images "
-            f"but {data.name} has {data.in_channels}x{data.image_size[0]}x{data.image_size[1]}; "
-            "evaluate on the dataset it was trained on"
+            f"checkpoint {ckpt['path']} expects {spec.in_channels}-channel images but {data.name} has "
+            f"{data.in_channels}; evaluate on the dataset it was trained on"
         )
+    data = data_for_size(data, tuple(spec.image_size), saved, f"checkpoint {ckpt['path']}")
     model = build_model(spec).to(device=device, dtype=dtype)
     load_model_state(model, ckpt)
     records = []

@@ -135,3 +135,34 @@ def level_data(data: DataBundle, down: int, op: str = "linear", sigma: float = 1
             x_val=restrict_images(data.x_val, down, op, sigma),
             x_test=restrict_images(data.x_test, down, op, sigma),
         )
+
+
+def restriction_count(native: Tuple[int, int], size: Tuple[int, int]) -> Optional[int]:
+    """k with native / 2**k == size (both sides), or None if no level of ``native`` has that size."""
+    h, w = native
+    k = 0
+    while (h, w) != tuple(size):
+        if h % 2 or w % 2 or h < size[0]:
+            return None
+        h, w, k = h // 2, w // 2, k + 1
+    return k
+
+
+def transfer_settings(config: Any) -> Tuple[str, float]:
+    """The image operator and smoothing a run used (its pyramid's, else the defaults)."""
+    pyramid = (config or {}).get("pyramid") if hasattr(config, "get") else None
+    if pyramid:
+        return str(pyramid.get("operator", "linear")), float(pyramid.get("sigma", 1.0))
+    return "linear", 1.0
+
+
+def data_for_size(data: DataBundle, size: Tuple[int, int], config: Any, what: str) -> DataBundle:
+    """``data`` restricted to ``size`` the way the run described by ``config`` restricted it."""
+    k = restriction_count(data.image_size, tuple(size))
+    if k is None:
+        raise MsnetError(
+            f"{what} expects {size[0]}x{size[1]} images, which no level of {data.name} "
+            f"({data.image_size[0]}x{data.image_size[1]}) has; use the dataset it was trained on"
+        )
+    op, sigma = transfer_settings(config)
+    return level_data(data, k, op, sigma)

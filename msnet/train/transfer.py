@@ -1,0 +1,187 @@
+"""``transfer_checkpoint``: move a trained network to another resolution and measure what that buys.
+
+For a checkpoint trained at level ``source`` and a ``target`` level of the same data it
+writes the stencil-transferred network as a self-describing checkpoint and tabulates
+validation and test accuracy at the target level for:
+
+* ``stencil transfer``: Galerkin restriction / stencil prolongation of every 3x3 kernel
+  and the classifier moved with R / P (:func:`msnet.multigrid.transfer_resolution`);
+* ``naive kernel reuse``: the same kernels applied unchanged on the other grid (the
+  classifier still moved with R / P, as its grid must change);
+* ``resampled images``: the source network itself, on target images resampled
+  bilinearly (antialiased when shrinking) to the source resolution: what one would
+  otherwise do;
+* ``native``: a network trained at the target level (``native=PATH``), when given.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from msnet import MsnetError
+from msnet.core import ModelSpec, build_model, resolve_device
+from msnet.data import prepare_data
+from msnet.multigrid import resample_images, transfer_resolution
+from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
+from msnet.runs.display import records_table
+from msnet.train.api import load_model_state
+from msnet.train.loop import evaluate
+from msnet.train.schedule import level_data, level_name, parse_level, transfer_settings
+from msnet.train.setup import resolve_dtype
+
+
+def find_latest_run(outputs: str | Path, level: str) -> Path:
+    """The newest ``checkpoints/last.pt`` under ``outputs`` whose run finished at ``level``.
+
+    ``level`` is a name (fine, coarse, ...) matched against each run's summary, or a
+    pixel size matched against its resolution.
+    """
+    root = Path(outputs).expanduser()
+    candidates = []
+    for summary_path in root.rglob("summary.json") if root.is_dir() else []:
+        ck = summary_path.parent / "checkpoints" / "last.pt"
+        if not ck.is_file():
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            continue
+        at = str(summary.get("level", "fine"))
+        size = str((summary.get("resolution") or [None])[0])
+        if str(level) in (at, size):
+            candidates.append((ck.stat().st_mtime, ck))
+    if not candidates:
+        raise MsnetError(
+            f"no run trained at level {level} under {root}; pass ckpt=PATH, or train one first "
+            f"(msnet train level={level})"
+        )
+    return max(candidates)[1]
+
+
+def _load_network(ckpt: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    try:
+        spec = ModelSpec.from_dict(ckpt["model_spec"])
+    except TypeError as err:
+        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
+    model = build_model(spec).to(device=device, dtype=dtype)
+    load_model_state(model, ckpt)
+    return model
+
+
+def _naive_reuse(source: torch.nn.Module, transferred: torch.nn.Module) -> torch.nn.Module:
+    """``transferred`` with every kernel and bias replaced by the source's, unchanged."""
+    naive = copy.deepcopy(transferred)
+    state = naive.state_dict()
+    for name, tensor in source.state_dict().items():
+        if not name.startswith("classifier."):
+            state[name] = tensor
+    naive.load_state_dict(state)
+    return naive
+
+
+def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
+                        console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
+    """Transfer ``cfg.ckpt`` from level ``cfg.source`` to ``cfg.target``; returns the table rows."""
+    console = console or RunConsole()
+    if cfg.source is None or cfg.target is None:
+        raise MsnetError("say which levels: msnet transfer --from coarse --to fine ckpt=PATH")
+    ckpt_path = cfg.ckpt
+    if ckpt_path is None:
+        ckpt_path = find_latest_run(cfg.outputs, cfg.source)
+        console.print(f"using the latest run trained at level {cfg.source}: {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
+    saved = OmegaConf.create(ckpt["config"])
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(saved.get("dtype", "float32"))
+    data = prepare_data(saved.dataset, device, dtype)
+    native = data.image_size
+    src_down, tgt_down = parse_level(cfg.source, native), parse_level(cfg.target, native)
+    source = _load_network(ckpt, device, dtype)
+    src_size = (native[0] >> src_down, native[1] >> src_down)
+    if tuple(source.spec.image_size) != src_size:
+        at = source.spec.image_size
+        raise MsnetError(
+            f"checkpoint {ckpt['path']} is at {at[0]}x{at[1]}, not at --from {cfg.source} "
+            f"({src_size[0]}x{src_size[1]}); pass the level it was trained at or another checkpoint"
+        )
+    if src_down == tgt_down:
+        raise MsnetError(f"--from {cfg.source} and --to {cfg.target} are the same level; nothing to transfer")
+    op, sigma = cfg.operator, float(cfg.sigma)
+    transferred = transfer_resolution(source, src_down - tgt_down, op)
+    naive = _naive_reuse(source, transferred)
+    target_data = level_data(data, tgt_down, op, sigma)
+    tgt_size = target_data.image_size
+
+    rows: List[Dict[str, Any]] = []
+
+    def measure(method: str, model: torch.nn.Module, resample: bool = False) -> None:
+        row: Dict[str, Any] = {"method": method}
+        for split in cfg.splits:
+            x, y = target_data.split(str(split))
+            if resample:
+                x = resample_images(x, src_size)
+            m = evaluate(model, x, y, int(cfg.batch_size))
+            row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
+        rows.append(row)
+
+    measure("stencil transfer", transferred)
+    measure("naive kernel reuse", naive)
+    measure(f"resampled images -> {src_size[0]}x{src_size[1]}", source, resample=True)
+    if cfg.native:
+        nck = load_checkpoint(cfg.native)
+        native_net = _load_network(nck, device, dtype)
+        if tuple(native_net.spec.image_size) != tgt_size:
+            at = native_net.spec.image_size
+            raise MsnetError(
+                f"native={nck['path']} is at {at[0]}x{at[1]}, not at the target level "
+                f"{cfg.target} ({tgt_size[0]}x{tgt_size[1]}); pass a checkpoint trained at level={cfg.target}"
+            )
+        measure("native (trained at target)", native_net)
+
+    src_name, tgt_name = level_name(src_down), level_name(tgt_down)
+    console.print(
+        f"[bold]msnet transfer[/bold]  {ckpt['path']}  {src_name} {src_size[0]}x{src_size[1]} -> "
+        f"{tgt_name} {tgt_size[0]}x{tgt_size[1]} ({data.name}, operator {op})"
+    )
+    columns = ["method", *[f"{s}_{m}" for s in cfg.splits for m in ("acc", "loss")]]
+    shown = [{k: (f"{v:.2%}" if k.endswith("_acc") else v) for k, v in r.items()} for r in rows]
+    console.print(records_table(f"accuracy at {tgt_name} ({tgt_size[0]}x{tgt_size[1]})", shown, columns))
+
+    if run_dir is not None:
+        run = RunDir(run_dir)
+        config = copy.deepcopy(ckpt["config"])
+        config["level"] = tgt_name
+        out = save_checkpoint(
+            run.checkpoints / "transferred.pt",
+            {
+                "model_spec": transferred.spec.to_dict(),
+                "model": transferred.state_dict(),
+                "config": config,
+                "epoch": ckpt["epoch"],
+                "optimizer": None,
+                "scheduler": None,
+                "rng": ckpt.get("rng", {}),
+                "history": [],
+                "resolution": list(transferred.spec.image_size),
+                "depth": transferred.depth(),
+                "level": tgt_name,
+                "transferred_from": {"checkpoint": ckpt["path"], "level": src_name, "operator": op},
+            },
+        )
+        run.write_config(cfg)
+        run.write_command()
+        run.write_json("transfer.json", {
+            "checkpoint": ckpt["path"], "source": src_name, "target": tgt_name,
+            "source_resolution": list(src_size), "target_resolution": list(tgt_size),
+            "operator": op, "native": str(cfg.native) if cfg.native else None,
+            "transferred_checkpoint": str(out), "results": rows,
+        })
+        console.print(f"transferred checkpoint: {out}")
+        console.save(run.path / "console.txt")
+    return rows

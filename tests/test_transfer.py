@@ -1,0 +1,72 @@
+"""msnet transfer: levels, the comparison table, the transferred checkpoint as evaluate input and warm start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msnet import MsnetError
+from msnet.cli import rewrite
+from msnet.runs import load_checkpoint
+from msnet.train import train
+from msnet.train.evaluation import evaluate_checkpoint
+from msnet.train.transfer import find_latest_run, transfer_checkpoint
+
+
+@pytest.fixture
+def runs(tiny_cfg, tmp_path):
+    base = ["dataset.image_size=16", "trainer.epochs=2"]
+    train(tiny_cfg(base + ["level=coarse"]), tmp_path / "outputs" / "coarse")
+    train(tiny_cfg(base), tmp_path / "outputs" / "fine")
+    return tmp_path / "outputs"
+
+
+def test_transfer_coarse_to_fine(runs, compose_cfg, tmp_path):
+    cfg = compose_cfg("transfer", ["source=coarse", "target=fine", f"outputs={runs}", "device=cpu",
+                                   f"native={runs / 'fine' / 'checkpoints' / 'last.pt'}"])
+    rows = transfer_checkpoint(cfg, tmp_path / "t")
+    methods = [r["method"] for r in rows]
+    assert methods == ["stencil transfer", "naive kernel reuse", "resampled images -> 8x8", "native (trained at target)"]
+    assert all(0 <= r["test_acc"] <= 1 and r["val_loss"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert saved["checkpoint"].endswith("coarse/checkpoints/last.pt")  # found as the latest coarse run
+    assert saved["target_resolution"] == [16, 16]
+    ck = load_checkpoint(tmp_path / "t" / "checkpoints" / "transferred.pt")
+    assert ck["resolution"] == [16, 16] and ck["level"] == "fine" and ck["transferred_from"]["level"] == "coarse"
+    # the transferred checkpoint evaluates from the file alone and gives the table's numbers
+    ev = evaluate_checkpoint(compose_cfg("evaluate", [f"ckpt={tmp_path / 't' / 'checkpoints' / 'transferred.pt'}", "device=cpu"]))
+    assert {r["split"]: r["acc"] for r in ev}["test"] == rows[0]["test_acc"]
+
+
+def test_transfer_fine_to_coarse_and_warm_start(runs, compose_cfg, tiny_cfg, tmp_path):
+    cfg = compose_cfg("transfer", ["source=fine", "target=8", f"ckpt={runs / 'fine'}", "device=cpu"])
+    rows = transfer_checkpoint(cfg, tmp_path / "t")
+    assert rows[2]["method"] == "resampled images -> 16x16"
+    transferred = tmp_path / "t" / "checkpoints" / "transferred.pt"
+    s = train(tiny_cfg(["dataset.image_size=16", "level=coarse", "trainer.epochs=1", f"init={transferred}"]), tmp_path / "warm")
+    assert s["status"] == "completed"
+    with pytest.raises(MsnetError, match="holds a different model"):
+        train(tiny_cfg(["dataset.image_size=16", "trainer.epochs=1", f"init={transferred}"]), tmp_path / "bad")
+
+
+def test_transfer_errors(runs, compose_cfg, tmp_path):
+    fine = runs / "fine" / "checkpoints" / "last.pt"
+    cases = [
+        (["source=coarse", "target=fine", f"ckpt={fine}"], "is at 16x16, not at --from coarse"),
+        (["source=fine", "target=fine", f"ckpt={fine}"], "same level"),
+        (["source=fine"], "say which levels"),
+        (["source=fine", "target=coarse", f"ckpt={fine}", f"native={fine}"], "not at the target level"),
+        (["source=coarser", "target=fine", f"outputs={runs}"], "no run trained at level coarser"),
+        (["source=fine", "target=5", f"ckpt={fine}"], "no level of 16x16 images is 5 pixels"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(MsnetError, match=match) as err:
+            transfer_checkpoint(compose_cfg("transfer", overrides + ["device=cpu"]))
+        assert "\n" not in str(err.value)
+    assert find_latest_run(runs, "8").parent.parent.name == "coarse"
+
+
+def test_cli_rewrites_from_and_to():
+    assert rewrite("transfer", ["--from", "coarse", "--to=fine", "x.pt"]) == ["source=coarse", "target=fine", "ckpt='x.pt'"]
+    assert rewrite("train", ["--from", "x"]) == ["--from", "x"]
