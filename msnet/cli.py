@@ -19,7 +19,7 @@ COMMANDS = {
     "report": ("msnet.commands.report", "tabulate every run under a folder: msnet report DIR"),
 }
 POSITIONAL = {"report": "dir", "evaluate": "ckpt", "transfer": "ckpt"}
-OPTIONS = {"transfer": {"--from": "source", "--to": "target"}}
+OPTIONS = {"transfer": {"--from": "source", "--to": "target", "--from-depth": "source_depth", "--to-depth": "target_depth"}}
 """Flags that become overrides: ``--from coarse`` / ``--from=coarse`` -> ``source=coarse`` (``from`` is a keyword)."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
@@ -40,6 +40,8 @@ def usage() -> str:
         "  msnet train level=coarse                      # train on 14x14 Fashion-MNIST",
         "  msnet train +pyramid=2level                   # coarse-to-fine: 14x14, then 28x28",
         "  msnet transfer --from coarse --to fine ckpt=PATH [native=PATH]",
+        "  msnet train +depth=doubling                   # shallow-to-deep: 2, 4, 8, 16 layers",
+        "  msnet transfer --from-depth 8 --to-depth 16 ckpt=PATH",
         "",
         "msnet COMMAND --help lists the config groups and options of a command.",
     ]

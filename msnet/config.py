@@ -82,6 +82,18 @@ class PyramidConfig:
 
 
 @dataclass
+class DepthConfig:
+    """Shallow-to-deep training (Haber et al. 2018, Sec. 3): layers start, start*factor, ..., stop; T kept."""
+
+    start: int = 2
+    stop: int = 16
+    factor: int = 2
+    epochs: List[int] = field(default_factory=lambda: [1])  # per depth level (shallowest first), or one for all
+    lr: Optional[List[float]] = None  # per depth level, or one for all; null: optimizer.lr
+    prolongation: str = "linear"  # msnet.multigrid.TIME_PROLONGATIONS
+
+
+@dataclass
 class RegularizerConfig:
     """The paper's derivative-based regularisers (Haber et al. 2018, Sec. 4; Haber & Ruthotto 2017)."""
 
@@ -97,6 +109,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     pyramid: Optional[PyramidConfig] = None
+    depth: Optional[DepthConfig] = None
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
     seed: int = 0
     device: str = "auto"
@@ -131,6 +144,10 @@ class TransferConfig:
     target: Optional[str] = None  # level to move it to
     ckpt: Optional[str] = None  # default: the latest run under `outputs` trained at `source`
     native: Optional[str] = None  # a checkpoint trained at `target`, for comparison
+    source_depth: Optional[int] = None  # --from-depth: layers per stage of the checkpoint
+    target_depth: Optional[int] = None  # --to-depth: layers per stage to move it to (T kept)
+    prolongation: str = "linear"  # time prolongation (TIME_PROLONGATIONS)
+    restriction: str = "injection"  # time restriction (TIME_RESTRICTIONS)
     outputs: str = "outputs"  # where to look for runs when ckpt is not given
     operator: str = "linear"
     sigma: float = 1.0  # smoothing before each image restriction (as in pyramid training)

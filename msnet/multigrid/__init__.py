@@ -6,6 +6,8 @@ from msnet.multigrid.space import (
 
 __all__ = ["TRANSFERS", "galerkin_condition", "galerkin_map", "get_transfer", "prolong_stencil", "restrict_stencil"]
 
-from msnet.multigrid.network import gaussian_blur, resample_images, restrict_images, transfer_resolution
+from msnet.multigrid.network import gaussian_blur, resample_images, restrict_images, transfer_depth, transfer_resolution
+from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS, prolong_in_time, restrict_in_time
 
-__all__ += ["gaussian_blur", "resample_images", "restrict_images", "transfer_resolution"]
+__all__ += ["gaussian_blur", "resample_images", "restrict_images", "transfer_depth", "transfer_resolution",
+            "TIME_PROLONGATIONS", "TIME_RESTRICTIONS", "prolong_in_time", "restrict_in_time"]

@@ -108,3 +108,35 @@ def resample_images(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         return x
     antialias = size[0] < x.shape[-2]
     return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def transfer_depth(model: ODEResNet, layers: "int | list[int]", prolongation: str = "linear",
+                   restriction: str = "injection") -> ODEResNet:
+    """A new network whose stages have ``layers`` steps each (an int for all, or one per stage), same T.
+
+    Deeper stages get their per-step parameters by ``prolongation`` in time, shallower
+    ones by ``restriction`` (see :mod:`msnet.multigrid.time`); everything else is copied.
+    Fails with one line if the integrator has no per-step parameters to move.
+    """
+    from msnet.core import INTEGRATORS
+    from msnet.multigrid.time import prolong_in_time, restrict_in_time
+
+    targets = [int(layers)] * len(model.blocks) if isinstance(layers, int) else [int(x) for x in layers]
+    if len(targets) != len(model.blocks) or min(targets) < 1:
+        raise MsnetError(f"need one positive depth per stage ({len(model.blocks)} stages), got {layers}")
+    integrator = INTEGRATORS.get(model.spec.integrator)
+    if not integrator.per_step_params:
+        raise MsnetError(
+            f"integrator {model.spec.integrator!r} has no per-step parameters to move in time; "
+            "depth schedules need an integrator with per_step_params"
+        )
+    out = copy.deepcopy(model)
+    for block, m in zip(out.blocks, targets):
+        n = block.layers
+        params = block.step_parameters()
+        if m > n:
+            block.set_step_parameters(prolong_in_time(params, m, prolongation))
+        elif m < n:
+            block.set_step_parameters(restrict_in_time(params, m, restriction))
+    out.sync_spec()
+    return out

@@ -15,14 +15,14 @@ from msnet.data import prepare_data
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
-from msnet.multigrid import transfer_resolution
+from msnet.multigrid import transfer_depth, transfer_resolution
 from msnet.train.optim import build_optimizer, build_scheduler
 from msnet.train.regularizers import build_regularizer
 from msnet.train.schedule import Level, build_schedule, level_data
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
-LEVEL_COLUMNS = ["level", "resolution", "epochs", "val_loss", "val_acc", "test_loss", "test_acc", "time_s"]
+LEVEL_COLUMNS = ["level", "resolution", "layers", "epochs", "val_loss", "val_acc", "test_loss", "test_acc", "time_s"]
 
 
 def _rng_state(generator: torch.Generator) -> Dict[str, Any]:
@@ -87,7 +87,20 @@ def train(
     schedule = build_schedule(cfg, data.image_size, len(native_spec.stages))
     op = cfg.pyramid.operator if cfg.get("pyramid") else "linear"
     sigma = float(cfg.pyramid.sigma) if cfg.get("pyramid") else 1.0
+    prolongation = cfg.depth.prolongation if cfg.get("depth") else "linear"
+
+    def move(net: torch.nn.Module, src: Level, dst: Level) -> torch.nn.Module:
+        """Carry a network from one level to the next: in space, then in time."""
+        if src.down != dst.down:
+            net = transfer_resolution(net, src.down - dst.down, op)
+        if dst.layers is not None and dst.layers != (src.layers or net.depth()[0]):
+            net = transfer_depth(net, dst.layers, prolongation)
+        return net
+
     set_seed(int(cfg.seed))
+    if schedule[0].layers is not None:
+        for stage in native_spec.stages:
+            stage.layers = schedule[0].layers
     model = build_model(native_spec).to(device=device, dtype=dtype)
     if schedule[0].down:
         # Built at native size for identical random draws, then moved to the coarsest grid.
@@ -109,8 +122,8 @@ def train(
         start_level, start_level_epoch = int(ckpt.get("level_index", 0)), int(ckpt.get("level_epoch", ckpt["epoch"]))
         if start_level >= len(schedule):
             raise MsnetError(f"checkpoint {ckpt['path']} is at level {start_level}, beyond this schedule; start a new run")
-        if start_level:
-            model = transfer_resolution(model, schedule[0].down - schedule[start_level].down, op)
+        for a, b in zip(schedule[:start_level], schedule[1 : start_level + 1]):
+            model = move(model, a, b)
         saved = ModelSpec.from_dict(ckpt["model_spec"])
         if saved != model.spec:
             raise MsnetError(
@@ -138,7 +151,8 @@ def train(
     )
     if len(schedule) > 1:
         console.print("levels: " + " -> ".join(
-            f"{lv.name} {data.image_size[0] >> lv.down}x{data.image_size[1] >> lv.down} ({lv.epochs} ep)" for lv in schedule))
+            f"{lv.name} {data.image_size[0] >> lv.down}x{data.image_size[1] >> lv.down}"
+            + (f" {lv.layers} layers" if lv.layers else "") + f" ({lv.epochs} ep)" for lv in schedule))
 
     ckpt_path = run.checkpoints / "last.pt"
     wall_before = history[-1]["wall_time_s"] if history else 0.0
@@ -184,7 +198,7 @@ def train(
                 lv = schedule[li]
                 first_epoch = start_level_epoch if li == start_level else 0
                 if li > start_level:
-                    model = transfer_resolution(model, schedule[li - 1].down - lv.down, op)
+                    model = move(model, schedule[li - 1], lv)
                 d = data_at(lv.down)
                 t_level = time.perf_counter()
                 opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
@@ -196,7 +210,7 @@ def train(
                     if scheduler is not None and ckpt.get("scheduler") is not None:
                         scheduler.load_state_dict(ckpt["scheduler"])
                 penalty = build_regularizer(model, cfg.regularizer)
-                size = f"{d.image_size[0]}x{d.image_size[1]}"
+                size = f"{d.image_size[0]}x{d.image_size[1]}" + (f" {lv.layers}L" if lv.layers else "")
                 for level_epoch in range(first_epoch + 1, lv.epochs + 1):
                     epoch += 1
                     n_batches = -(-d.sizes()["train"] // cfg.trainer.batch_size)
@@ -223,6 +237,7 @@ def train(
                         "level": lv.name,
                         "level_epoch": level_epoch,
                         "resolution": list(d.image_size),
+                        "layers": model.depth(),
                         "train_loss": result.loss,
                         "train_acc": result.acc,
                         "val_loss": val.get("loss"),
@@ -253,7 +268,8 @@ def train(
     if status == "completed":
         last = level_summaries[-1] if level_summaries else {}
         final = {k: last[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc") if last.get(k) is not None}
-    best = max((r for r in history if r.get("val_acc") is not None and r.get("level") == schedule[-1].name),
+    best = max((r for r in history if r.get("val_acc") is not None and r.get("level") == schedule[-1].name
+                and r.get("layers", model.depth()) == model.depth()),
                key=lambda r: r["val_acc"], default=None)
     summary: Dict[str, Any] = {
         "status": status,
@@ -309,7 +325,8 @@ def _level_summary(lv: Level, d: Any, model: torch.nn.Module, history: List[Dict
                    cfg: DictConfig) -> Dict[str, Any]:
     """Accuracy and loss at the end of a level (validation from the last epoch, test measured now)."""
     last = history[-1]
-    out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}", "epochs": lv.epochs,
+    out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}", "layers": model.depth()[0],
+           "epochs": lv.epochs,
            "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"), "time_s": seconds}
     if d.sizes()["test"]:
         m = evaluate(model, d.x_test, d.y_test, cfg.trainer.eval_batch_size)

@@ -2,8 +2,15 @@
 
 A plain run has one level. ``+pyramid=NLlevel`` trains on images restricted N-1 times
 first, then prolongs stencils and classifier one level at a time up to ``level`` (the
-paper's Algorithm 1). Level names: ``fine`` = the data's native resolution,
-``coarse`` = one restriction, ``coarser`` = two; ``downK`` beyond.
+paper's Algorithm 1). ``+depth=doubling`` trains ``depth.start`` layers per stage first,
+then prolongs the parameters in time to twice the layers (T kept) up to ``depth.stop``.
+Level names: ``fine`` = the data's native resolution, ``coarse`` = one restriction,
+``coarser`` = two; ``downK`` beyond.
+
+With both, the depth cascade runs first, on the coarsest images (in place of the
+pyramid's coarsest level and its epochs), and the resolution pyramid then continues at
+the final depth: every shallow problem is solved on the cheapest grid, and the most
+expensive problem (deepest and finest) is solved once, from the best starting point.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Level:
     down: int
     epochs: int
     lr: Optional[float] = None
+    layers: Optional[int] = None  # time steps per stage; None: model.layers
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -93,10 +101,33 @@ def check_levels(native: Tuple[int, int], coarsest: int, stages: int, what: str,
         )
 
 
+def depth_levels(depth: Any) -> List[int]:
+    """Layers per stage of each depth level: start, start*factor, ..., stop."""
+    start, stop, factor = int(depth.start), int(depth.stop), int(depth.factor)
+    if start < 1 or factor < 2 or stop < start:
+        raise MsnetError(f"depth needs 1 <= start <= stop and factor >= 2, got start={start} stop={stop} factor={factor}")
+    out = [start]
+    while out[-1] < stop:
+        out.append(out[-1] * factor)
+    if out[-1] != stop:
+        raise MsnetError(f"depth.stop={stop} is not depth.start={start} times a power of {factor}; use e.g. stop={out[-1]}")
+    return out
+
+
+def _per_level(values: Any, n: int, what: str) -> List[Any]:
+    values = list(values) if values is not None else [None]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise MsnetError(f"{what} needs 1 or {n} entries (first level first), got {values}")
+    return values
+
+
 def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level]:
-    """The levels ``cfg`` asks for, coarsest first, ending at ``cfg.level``."""
+    """The levels ``cfg`` asks for, in training order, ending at ``cfg.level`` (and ``depth.stop``)."""
     finest = parse_level(cfg.level, native)
     pyramid = cfg.get("pyramid")
+    depth = cfg.get("depth")
     if pyramid is None:
         levels = [Level(level_name(finest), finest, int(cfg.trainer.epochs))]
     else:
@@ -116,6 +147,16 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level
         ]
         if any(lv.epochs < 0 for lv in levels):
             raise MsnetError(f"pyramid.epochs must be >= 0, got {epochs}")
+    if depth is not None:
+        from msnet.multigrid import TIME_PROLONGATIONS
+
+        TIME_PROLONGATIONS.get(depth.prolongation)
+        layers = depth_levels(depth)
+        epochs = _per_level(depth.epochs, len(layers), "depth.epochs")
+        lrs = _per_level(depth.lr, len(layers), "depth.lr")
+        first = levels[0]
+        cascade = [Level(first.name, first.down, int(e), lr, d) for d, e, lr in zip(layers, epochs, lrs)]
+        levels = cascade + [replace(lv, layers=layers[-1]) for lv in levels[1:]]
     if pyramid is not None:
         check_levels(native, levels[0].down, stages, f"pyramid.levels={pyramid.levels}" + (f" ending at level={cfg.level}" if finest else ""),
                      lambda k: f"use pyramid.levels={k - finest + 1} or fewer" if k >= finest else f"use level=fine and at most {k + 1} levels")

@@ -27,12 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, build_model, resolve_device
 from msnet.data import prepare_data
-from msnet.multigrid import resample_images, transfer_resolution
+from msnet.multigrid import TIME_PROLONGATIONS, resample_images, transfer_depth, transfer_resolution
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import records_table
 from msnet.train.api import load_model_state
 from msnet.train.loop import evaluate
-from msnet.train.schedule import level_data, level_name, parse_level, transfer_settings
+from msnet.train.schedule import data_for_size, level_data, level_name, parse_level, transfer_settings
 from msnet.train.setup import resolve_dtype
 
 
@@ -89,6 +89,8 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
                         console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
     """Transfer ``cfg.ckpt`` from level ``cfg.source`` to ``cfg.target``; returns the table rows."""
     console = console or RunConsole()
+    if cfg.get("source_depth") is not None or cfg.get("target_depth") is not None:
+        return transfer_depth_checkpoint(cfg, run_dir, console)
     if cfg.source is None or cfg.target is None:
         raise MsnetError("say which levels: msnet transfer --from coarse --to fine ckpt=PATH")
     ckpt_path = cfg.ckpt
@@ -182,6 +184,75 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
             "operator": op, "native": str(cfg.native) if cfg.native else None,
             "transferred_checkpoint": str(out), "results": rows,
         })
+        console.print(f"transferred checkpoint: {out}")
+        console.save(run.path / "console.txt")
+    return rows
+
+
+def transfer_depth_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
+                              console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
+    """Move ``cfg.ckpt`` from ``source_depth`` to ``target_depth`` layers per stage (T kept).
+
+    Evaluates the network before and after, and after each registered prolongation (or
+    the restriction, for a shallower target), at the checkpoint's own resolution, and
+    writes the moved network as ``checkpoints/transferred.pt``.
+    """
+    console = console or RunConsole()
+    if cfg.source_depth is None or cfg.target_depth is None:
+        raise MsnetError("say both depths: msnet transfer --from-depth 8 --to-depth 16 ckpt=PATH")
+    if cfg.ckpt is None:
+        raise MsnetError("which network? add ckpt=PATH (e.g. a run's checkpoints/last.pt)")
+    ckpt = load_checkpoint(cfg.ckpt)
+    saved = OmegaConf.create(ckpt["config"])
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(saved.get("dtype", "float32"))
+    source = _load_network(ckpt, device, dtype)
+    depth = source.depth()
+    if any(d != int(cfg.source_depth) for d in depth):
+        raise MsnetError(
+            f"checkpoint {ckpt['path']} has {depth} layers per stage, not --from-depth {cfg.source_depth}; "
+            "pass the depth it was trained at"
+        )
+    m = int(cfg.target_depth)
+    data = prepare_data(saved.dataset, device, dtype)
+    data = data_for_size(data, tuple(source.spec.image_size), saved, f"checkpoint {ckpt['path']}")
+    if m == int(cfg.source_depth):
+        raise MsnetError(f"--from-depth and --to-depth are both {m}; nothing to transfer")
+    moved = transfer_depth(source, m, cfg.prolongation, cfg.restriction)
+    candidates = [("before", f"{cfg.source_depth} layers", source), (f"after ({cfg.prolongation if m > depth[0] else cfg.restriction})", f"{m} layers", moved)]
+    if m > depth[0]:
+        for other in TIME_PROLONGATIONS.names():
+            if other != cfg.prolongation:
+                candidates.append((f"after ({other})", f"{m} layers", transfer_depth(source, m, other)))
+    rows = []
+    for method, layers, net in candidates:
+        row: Dict[str, Any] = {"method": method, "layers": layers}
+        for split in cfg.splits:
+            x, y = data.split(str(split))
+            r = evaluate(net, x, y, int(cfg.batch_size))
+            row[f"{split}_acc"], row[f"{split}_loss"] = r["acc"], r["loss"]
+        rows.append(row)
+    console.print(f"[bold]msnet transfer[/bold]  {ckpt['path']}  {cfg.source_depth} -> {m} layers per stage "
+                  f"(T kept; {data.name} {data.image_size[0]}x{data.image_size[1]})")
+    columns = ["method", "layers", *[f"{s}_{k}" for s in cfg.splits for k in ("acc", "loss")]]
+    shown = [{k: (f"{v:.2%}" if k.endswith("_acc") else v) for k, v in r.items()} for r in rows]
+    console.print(records_table("before and after the transfer in time", shown, columns))
+    if run_dir is not None:
+        run = RunDir(run_dir)
+        config = copy.deepcopy(ckpt["config"])
+        config.setdefault("model", {})["layers"] = m
+        out = save_checkpoint(run.checkpoints / "transferred.pt", {
+            "model_spec": moved.spec.to_dict(), "model": moved.state_dict(), "config": config,
+            "epoch": ckpt["epoch"], "optimizer": None, "scheduler": None, "rng": ckpt.get("rng", {}),
+            "history": [], "resolution": list(moved.spec.image_size), "depth": moved.depth(),
+            "level": ckpt.get("level", "fine"),
+            "transferred_from": {"checkpoint": ckpt["path"], "depth": depth,
+                                 "operator": cfg.prolongation if m > depth[0] else cfg.restriction},
+        })
+        run.write_config(cfg)
+        run.write_command()
+        run.write_json("transfer.json", {"checkpoint": ckpt["path"], "source_depth": depth, "target_depth": moved.depth(),
+                                         "transferred_checkpoint": str(out), "results": rows})
         console.print(f"transferred checkpoint: {out}")
         console.save(run.path / "console.txt")
     return rows

@@ -1,0 +1,91 @@
+"""Prolongation and restriction in time of per-step parameters (shallow-to-deep training).
+
+An N-step block over [0, T] has step size h = T/N; its j-th parameter slice acts on
+[t_j, t_{j+1}) and is read as the value of theta(t) at the left end t_j = j h
+(:meth:`msnet.core.ODEBlock.time_grid`). Moving to M steps keeps T and samples a
+function of t at the new left ends t'_i = i T/M:
+
+* ``linear`` (the paper's choice, the default): the piecewise-linear interpolant of
+  (t_j, theta_j); past the last sample t_{N-1} (on (t_{N-1}, T)) it is held constant,
+  since there is no theta_N to interpolate towards. N -> 2N keeps every old slice at the
+  even new steps and puts the mean of neighbours at the odd ones (the last odd step
+  repeats theta_{N-1}).
+* ``constant``: piecewise-constant, theta'_i = theta_j for t'_i in [t_j, t_{j+1}).
+
+Restrictions M -> N (N dividing M): ``injection`` takes theta'_{i} at i = j M/N (exactly
+the old samples after either prolongation, so restrict(prolong(theta)) == theta), and
+``average`` takes the mean of the M/N fine slices in [t_j, t_{j+1}) (exact after the
+piecewise-constant prolongation only).
+
+Haber, Ruthotto, Holtham, Jun, "Learning across scales", AAAI 2018, Sec. 3 ("From
+shallow to deep networks"); Chang et al., "Multi-level residual networks from
+dynamical systems view", ICLR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from msnet import MsnetError
+from msnet.registry import Registry
+
+TimeOperator = Callable[[torch.Tensor, int], torch.Tensor]
+"""``op(theta, m)``: per-step tensor ``(N, *shape)`` -> ``(m, *shape)`` over the same [0, T]."""
+
+TIME_PROLONGATIONS: Registry[TimeOperator] = Registry("time prolongation")
+TIME_RESTRICTIONS: Registry[TimeOperator] = Registry("time restriction")
+
+
+@TIME_PROLONGATIONS.register("linear")
+def prolong_linear(theta: torch.Tensor, m: int) -> torch.Tensor:
+    """Piecewise-linear interpolation in t of the left-end samples, constant past t_{N-1}."""
+    n = theta.shape[0]
+    pos = torch.arange(m, dtype=torch.float64) * n / m  # new left ends in units of the old h
+    j = pos.floor().long().clamp(max=n - 1)
+    w = (pos - j).clamp(0, 1)
+    nxt = (j + 1).clamp(max=n - 1)
+    w = torch.where(j + 1 > n - 1, torch.zeros_like(w), w).to(theta.dtype).to(theta.device)
+    shape = (m,) + (1,) * (theta.dim() - 1)
+    return theta[j] * (1 - w).view(shape) + theta[nxt] * w.view(shape)
+
+
+@TIME_PROLONGATIONS.register("constant")
+def prolong_constant(theta: torch.Tensor, m: int) -> torch.Tensor:
+    """theta'_i = theta_j for the old step j whose interval holds t'_i."""
+    n = theta.shape[0]
+    j = (torch.arange(m, dtype=torch.float64) * n / m).floor().long().clamp(max=n - 1)
+    return theta[j].clone()
+
+
+def _ratio(theta: torch.Tensor, n: int) -> int:
+    m = theta.shape[0]
+    if n < 1 or m % n:
+        raise MsnetError(f"cannot restrict {m} steps to {n}: the coarse depth must divide the fine one")
+    return m // n
+
+
+@TIME_RESTRICTIONS.register("injection")
+def restrict_injection(theta: torch.Tensor, n: int) -> torch.Tensor:
+    """theta_j = theta'_{j M/N}: the fine slice that starts where the coarse step starts."""
+    return theta[:: _ratio(theta, n)].clone()
+
+
+@TIME_RESTRICTIONS.register("average")
+def restrict_average(theta: torch.Tensor, n: int) -> torch.Tensor:
+    """theta_j = mean of the M/N fine slices inside [t_j, t_{j+1})."""
+    r = _ratio(theta, n)
+    return theta.reshape(n, r, *theta.shape[1:]).mean(dim=1)
+
+
+def prolong_in_time(params: Dict[str, torch.Tensor], m: int, op: str = "linear") -> Dict[str, torch.Tensor]:
+    """Every per-step tensor of a stage moved to ``m`` steps with prolongation ``op``."""
+    f = TIME_PROLONGATIONS.get(op)
+    return {k: f(v.detach(), m) for k, v in params.items()}
+
+
+def restrict_in_time(params: Dict[str, torch.Tensor], n: int, op: str = "injection") -> Dict[str, torch.Tensor]:
+    """Every per-step tensor of a stage moved to ``n`` steps with restriction ``op``."""
+    f = TIME_RESTRICTIONS.get(op)
+    return {k: f(v.detach(), n) for k, v in params.items()}

@@ -1,0 +1,122 @@
+"""Shallow-to-deep: time operators, the O(h) consistency of prolonged networks, depth schedules, transfer in time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msnet import MsnetError
+from msnet.core import INTEGRATORS, ModelSpec, StageSpec, build_model
+from msnet.multigrid import transfer_depth
+from msnet.multigrid.time import (
+    TIME_PROLONGATIONS, TIME_RESTRICTIONS, prolong_constant, prolong_linear, restrict_average, restrict_injection,
+)
+from msnet.runs import load_checkpoint, read_metrics
+from msnet.train import train
+from msnet.train.schedule import build_schedule, depth_levels
+from msnet.train.transfer import transfer_checkpoint
+
+EXACT_PAIRS = [("linear", "injection"), ("constant", "injection"), ("constant", "average")]
+
+
+@settings(max_examples=30, deadline=None)
+@given(pair=st.sampled_from(EXACT_PAIRS), n=st.integers(1, 9), r=st.integers(2, 4), seed=st.integers(0, 2**31 - 1))
+def test_restrict_prolong_is_identity_for_exact_pairs(pair, n, r, seed):
+    pro, res = pair
+    theta = torch.randn(n, 2, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    up = TIME_PROLONGATIONS.get(pro)(theta, n * r)
+    assert up.shape == (n * r, 2, 3)
+    torch.testing.assert_close(TIME_RESTRICTIONS.get(res)(up, n), theta, rtol=0, atol=0)
+
+
+def test_linear_doubling_places_old_samples_at_even_steps():
+    theta = torch.tensor([0.0, 2.0, 4.0])
+    torch.testing.assert_close(prolong_linear(theta, 6), torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 4.0]))
+    torch.testing.assert_close(prolong_constant(theta, 6), torch.tensor([0.0, 0.0, 2.0, 2.0, 4.0, 4.0]))
+    # linear + average is not exact: it smooths
+    assert not torch.equal(restrict_average(prolong_linear(theta, 6), 3), theta)
+    with pytest.raises(MsnetError, match="must divide"):
+        restrict_injection(theta, 2)
+
+
+def test_prolonged_network_agrees_to_first_order_in_h():
+    """For parameters smooth in t, |net_N(x) - net_2N(x)| = O(h): fit the slope of log diff vs log h."""
+    torch.manual_seed(0)
+    C, T = 3, 2.0
+    A, B = torch.randn(C, C, 3, 3, dtype=torch.float64) * 0.3, torch.randn(C, C, 3, 3, dtype=torch.float64) * 0.3
+    a, b = torch.randn(C, dtype=torch.float64) * 0.1, torch.randn(C, dtype=torch.float64) * 0.1
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    diffs, hs = [], []
+    for n in (4, 8, 16, 32):
+        spec = ModelSpec(1, 4, (8, 8), [StageSpec(C, n, T)])
+        torch.manual_seed(1)
+        net = build_model(spec).double()
+        t = net.time_grid(0).to(torch.float64)
+        with torch.no_grad():
+            net.blocks[0].params["K"].copy_(A + torch.sin(t).view(-1, 1, 1, 1, 1) * B)
+            net.blocks[0].params["b"].copy_(a + torch.cos(t).view(-1, 1) * b)
+        deep = transfer_depth(net, 2 * n)
+        assert deep.depth() == [2 * n] and deep.blocks[0].h == pytest.approx(T / (2 * n))
+        with torch.no_grad():
+            diffs.append((net.features(x) - deep.features(x)).norm().item())
+        hs.append(T / n)
+    lh, ld = [math.log(h) for h in hs], [math.log(d) for d in diffs]
+    k = len(hs)
+    slope = (k * sum(p * q for p, q in zip(lh, ld)) - sum(lh) * sum(ld)) / (k * sum(p * p for p in lh) - sum(lh) ** 2)
+    assert 0.8 < slope < 1.3, (slope, diffs)
+
+
+def test_transfer_depth_moves_every_stage_and_refuses_non_per_step(monkeypatch):
+    net = build_model(ModelSpec(1, 3, (8, 8), [StageSpec(2, 2, 1.0), StageSpec(4, 2, 1.0)]))
+    deep = transfer_depth(net, 4)
+    assert deep.depth() == [4, 4] and deep.spec.stages[1].layers == 4 and net.depth() == [2, 2]
+    assert transfer_depth(deep, [2, 1]).depth() == [2, 1]
+    monkeypatch.setattr(INTEGRATORS.get("euler"), "per_step_params", False)
+    with pytest.raises(MsnetError, match="no per-step parameters to move in time"):
+        transfer_depth(net, 4)
+
+
+def test_depth_levels_and_errors(compose_cfg):
+    cfg = compose_cfg("train", ["+depth=doubling"])
+    assert depth_levels(cfg.depth) == [2, 4, 8, 16]
+    assert [lv.layers for lv in build_schedule(cfg, (28, 28), 1)] == [2, 4, 8, 16]
+    with pytest.raises(MsnetError, match="not depth.start=2 times a power of 2"):
+        depth_levels(compose_cfg("train", ["+depth=doubling", "depth.stop=12"]).depth)
+    with pytest.raises(MsnetError, match="depth.epochs needs 1 or 4 entries"):
+        build_schedule(compose_cfg("train", ["+depth=doubling", "depth.epochs=[1,2]"]), (28, 28), 1)
+    both = build_schedule(compose_cfg("train", ["+depth=doubling", "depth.stop=8", "+pyramid=2level"]), (28, 28), 1)
+    assert [(lv.name, lv.layers) for lv in both] == [("coarse", 2), ("coarse", 4), ("coarse", 8), ("fine", 8)]
+
+
+def test_depth_doubling_training(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg(["+depth=doubling", "depth.stop=8", "model.stages=2", "dataset.image_size=8"]), tmp_path / "run")
+    assert [lv["layers"] for lv in summary["levels"]] == [2, 4, 8]
+    assert summary["depth"] == [8, 8]
+    assert [m["layers"] for m in read_metrics(tmp_path / "run")] == [[2, 2], [4, 4], [8, 8]]
+    assert load_checkpoint(tmp_path / "run")["depth"] == [8, 8]
+    assert summary["final_test_acc"] > 0.5
+
+
+def test_depth_and_pyramid_compose(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(["+depth=doubling", "depth.stop=4", "+pyramid=2level", "dataset.image_size=16"])
+    summary = train(cfg, tmp_path / "run")
+    assert [(lv["level"], lv["resolution"], lv["layers"]) for lv in summary["levels"]] == [
+        ("coarse", "8x8", 2), ("coarse", "8x8", 4), ("fine", "16x16", 4)]
+
+
+def test_transfer_in_time_command(tiny_cfg, compose_cfg, tmp_path):
+    train(tiny_cfg(["model.layers=2"]), tmp_path / "run")
+    rows = transfer_checkpoint(compose_cfg("transfer", ["source_depth=2", "target_depth=4", f"ckpt={tmp_path / 'run'}",
+                                                        "device=cpu"]), tmp_path / "t")
+    assert [r["method"] for r in rows] == ["before", "after (linear)", "after (constant)"]
+    moved = load_checkpoint(tmp_path / "t" / "checkpoints" / "transferred.pt")
+    assert moved["depth"] == [4] and moved["model"]["blocks.0.params.K"].shape[0] == 4
+    # the transferred network is a warm start for a 4-layer run
+    s = train(tiny_cfg(["model.layers=4", "trainer.epochs=1", f"init={tmp_path / 't' / 'checkpoints' / 'transferred.pt'}"]), tmp_path / "warm")
+    assert s["status"] == "completed"
+    with pytest.raises(MsnetError, match="not --from-depth 3"):
+        transfer_checkpoint(compose_cfg("transfer", ["source_depth=3", "target_depth=4", f"ckpt={tmp_path / 'run'}", "device=cpu"]))
