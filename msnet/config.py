@@ -68,6 +68,7 @@ class TrainerConfig:
     progress: bool = True
     grad_clip: Optional[float] = None
     checkpoint_every: int = 1  # epochs
+    eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
 
 
 @dataclass

@@ -120,3 +120,10 @@ def test_transfer_in_time_command(tiny_cfg, compose_cfg, tmp_path):
     assert s["status"] == "completed"
     with pytest.raises(MsnetError, match="not --from-depth 3"):
         transfer_checkpoint(compose_cfg("transfer", ["source_depth=3", "target_depth=4", f"ckpt={tmp_path / 'run'}", "device=cpu"]))
+
+
+def test_eval_at_start_records_each_levels_initial_guess(tiny_cfg, tmp_path):
+    train(tiny_cfg(["+depth=doubling", "depth.stop=4", "trainer.eval_at_start=true", "trainer.epochs=1"]), tmp_path / "r")
+    starts = [m for m in read_metrics(tmp_path / "r") if m["level_epoch"] == 0]
+    assert [m["layers"] for m in starts] == [[2], [4]]
+    assert all("train_loss" not in m and 0 <= m["val_acc"] <= 1 for m in starts)

@@ -210,6 +210,13 @@ def train(
                     if scheduler is not None and ckpt.get("scheduler") is not None:
                         scheduler.load_state_dict(ckpt["scheduler"])
                 penalty = build_regularizer(model, cfg.regularizer)
+                if cfg.trainer.get("eval_at_start") and first_epoch == 0 and d.sizes()["val"]:
+                    val0 = evaluate(model, d.x_val, d.y_val, cfg.trainer.eval_batch_size)
+                    record0 = {"epoch": epoch, "level": lv.name, "level_epoch": 0, "resolution": list(d.image_size),
+                               "layers": model.depth(), "val_loss": val0["loss"], "val_acc": val0["acc"],
+                               "wall_time_s": wall_before + time.perf_counter() - t0}
+                    history.append(record0)
+                    run.log_metrics(record0)
                 size = f"{d.image_size[0]}x{d.image_size[1]}" + (f" {lv.layers}L" if lv.layers else "")
                 for level_epoch in range(first_epoch + 1, lv.epochs + 1):
                     epoch += 1
@@ -275,8 +282,8 @@ def train(
         "status": status,
         "epochs": epoch,
         **({f"final_{k}": v for k, v in final.items()}),
-        "final_train_loss": history[-1]["train_loss"] if history else None,
-        "final_train_acc": history[-1]["train_acc"] if history else None,
+        "final_train_loss": history[-1].get("train_loss") if history else None,
+        "final_train_acc": history[-1].get("train_acc") if history else None,
         "best_val_acc": best["val_acc"] if best else None,
         "best_val_epoch": best["epoch"] if best else None,
         "wall_time_s": wall_before + time.perf_counter() - t0,
