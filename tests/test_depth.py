@@ -30,7 +30,11 @@ def test_restrict_prolong_is_identity_for_exact_pairs(pair, n, r, seed):
     theta = torch.randn(n, 2, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     up = TIME_PROLONGATIONS.get(pro)(theta, n * r)
     assert up.shape == (n * r, 2, 3)
-    torch.testing.assert_close(TIME_RESTRICTIONS.get(res)(up, n), theta, rtol=0, atol=0)
+    back = TIME_RESTRICTIONS.get(res)(up, n)
+    if res == "injection":
+        assert torch.equal(back, theta)  # copies of the old samples: bit for bit
+    else:
+        torch.testing.assert_close(back, theta, rtol=4e-16, atol=4e-16)  # a mean of equal numbers: round-off
 
 
 def test_linear_doubling_places_old_samples_at_even_steps():
