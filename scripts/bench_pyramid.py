@@ -10,7 +10,8 @@ In one process, on the same data, network and optimiser:
 
 Both use msnet's own ``train_epoch``, ``level_data`` and ``transfer_resolution``.
 Validation accuracy is measured every ``1/--evals-per-epoch`` of an epoch; evaluation time
-is excluded from the clocks. The target is the single-level run's final validation
+is excluded from the clocks, and the two runs advance in turns, chunk by chunk, so that
+noise from other work on the machine hits both alike. The target is the single-level run's final validation
 accuracy minus 0.5 points; the script prints each run's training wall time to reach it
 and the ratio pyramid / single (goal <= 0.6; the paper saw 0.74 on ImageNet-10).
 
@@ -37,7 +38,10 @@ from msnet.train.schedule import level_data
 
 
 def run_level(model, data, epochs, evals, opt_cfg, g, trace, clock, label, batch_size):
-    """Train ``epochs`` epochs in ``evals`` chunks each; append (train seconds, val acc) to ``trace``."""
+    """Train ``epochs`` epochs in ``evals`` chunks each, yielding after every chunk.
+
+    Appends (train seconds, val acc) to ``trace``; returns the model at the end.
+    """
     opt = build_optimizer(model.parameters(), opt_cfg)
     sched = build_scheduler(opt, opt_cfg, epochs)
     n = data.x_train.shape[0]
@@ -48,9 +52,24 @@ def run_level(model, data, epochs, evals, opt_cfg, g, trace, clock, label, batch
             clock[0] += res.seconds
             acc = evaluate(model, data.x_val, data.y_val)["acc"]
             trace.append({"run": label, "train_s": clock[0], "val_acc": acc, "epoch": epoch + 1})
+            yield
         if sched is not None:
             sched.step()
     return model
+
+
+def pyramid_run(spec, coarse_data, data, args, opt_cfg, trace, clock):
+    """The pyramid schedule as one generator: coarse level, prolongation, fine level."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    coarse = transfer_resolution(build_model(spec), -1)
+    coarse = yield from run_level(coarse, coarse_data, args.coarse_epochs, args.evals_per_epoch, opt_cfg, g,
+                                  trace, clock, "pyramid coarse", args.batch_size)
+    t0 = time.perf_counter()
+    fine = transfer_resolution(coarse, +1)
+    clock[0] += time.perf_counter() - t0
+    yield from run_level(fine, data, args.epochs, args.evals_per_epoch, opt_cfg, g, trace, clock,
+                         "pyramid fine", args.batch_size)
 
 
 def main() -> None:
@@ -73,24 +92,23 @@ def main() -> None:
                                 "scheduler": "cosine"})
     console = RunConsole()
 
+    # The two runs advance in turns, one chunk each, so that machine noise hits both alike.
+    single_trace, single_clock = [], [0.0]
+    pyr_trace, pyr_clock = [], [0.0]
     torch.manual_seed(0)
-    single_trace, clock = [], [0.0]
-    console.print(f"single-level: {args.epochs} epochs at 28x28 ...")
-    run_level(build_model(spec), data, args.epochs, args.evals_per_epoch, opt_cfg,
-              torch.Generator().manual_seed(0), single_trace, clock, "single", args.batch_size)
+    single = run_level(build_model(spec), data, args.epochs, args.evals_per_epoch, opt_cfg,
+                       torch.Generator().manual_seed(0), single_trace, single_clock, "single", args.batch_size)
+    pyramid = pyramid_run(spec, coarse_data, data, args, opt_cfg, pyr_trace, pyr_clock)
+    console.print(f"single-level: {args.epochs} epochs at 28x28; pyramid: {args.coarse_epochs} epochs at 14x14, "
+                  f"then {args.epochs} at 28x28; interleaved chunk by chunk ...")
+    active = [single, pyramid]
+    while active:
+        for run in list(active):
+            try:
+                next(run)
+            except StopIteration:
+                active.remove(run)
     target = single_trace[-1]["val_acc"] - 0.005
-
-    torch.manual_seed(0)
-    pyr_trace, clock = [], [0.0]
-    console.print(f"pyramid: {args.coarse_epochs} epochs at 14x14, then up to {args.epochs} at 28x28 ...")
-    g = torch.Generator().manual_seed(0)
-    coarse = transfer_resolution(build_model(spec), -1)
-    run_level(coarse, coarse_data, args.coarse_epochs, args.evals_per_epoch, opt_cfg, g, pyr_trace, clock,
-              "pyramid coarse", args.batch_size)
-    t0 = time.perf_counter()
-    fine = transfer_resolution(coarse, +1)
-    clock[0] += time.perf_counter() - t0
-    run_level(fine, data, args.epochs, args.evals_per_epoch, opt_cfg, g, pyr_trace, clock, "pyramid fine", args.batch_size)
 
     def time_to(trace):
         hit = next((r for r in trace if r["val_acc"] >= target), None)
