@@ -31,6 +31,13 @@ class DatasetConfig:
 
 
 @dataclass
+class StochasticDepthConfig:
+    """Stochastic depth (Huang et al. 2016): survival decays linearly over all layers to ``p_last``."""
+
+    p_last: float = 1.0  # survival probability of the last layer; 1.0 turns it off
+
+
+@dataclass
 class ModelConfig:
     name: str = "resnet"
     channels: int = 16  # channels of the first stage
@@ -42,6 +49,10 @@ class ModelConfig:
     activation: str = "tanh"
     integrator: str = "euler"
     classifier: str = "full_field"
+    stochastic_depth: StochasticDepthConfig = field(default_factory=StochasticDepthConfig)
+    widths: Optional[List[int]] = None  # channels per stage; null: channels * growth**i
+    connective: str = "conv"  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
+    backprop: str = "store"  # store | reversible (rebuild states in backward; reversible integrators)
 
 
 @dataclass

@@ -3,12 +3,17 @@
 from msnet.core.activations import ACTIVATIONS
 from msnet.core.device import resolve_device
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, ExplicitRungeKutta
-from msnet.core.network import CLASSIFIERS, ModelSpec, ODEBlock, ODEResNet, StageSpec, build_model, count_parameters
+from msnet.core.multistep import LinearMultistep
+from msnet.core.network import (
+    CLASSIFIERS, ModelSpec, ODEBlock, ODEResNet, StageSpec, StochasticDepth, build_model, count_parameters,
+)
 from msnet.core.residual import RESIDUALS, AbstractResidual
+from msnet.core.reversible import ReversibleScheme, odeint_scheme
 
 __all__ = [
     "ACTIVATIONS", "INTEGRATORS", "RESIDUALS", "CLASSIFIERS",
     "AbstractIntegrator", "AbstractResidual", "ExplicitRungeKutta",
-    "ModelSpec", "StageSpec", "ODEBlock", "ODEResNet",
+    "ModelSpec", "StageSpec", "StochasticDepth", "ODEBlock", "ODEResNet", "LinearMultistep",
     "build_model", "count_parameters", "resolve_device",
+    "ReversibleScheme", "odeint_scheme",
 ]

@@ -3,6 +3,7 @@
     y_0 = sigma(L x)                      opening layer, 3x3 conv to C_1 channels
     stage s: dy/dt = F(y; theta_s(t)) on [0, T_s], N_s steps of h_s = T_s / N_s
     between stages: y <- pool_2(sigma(conv_1x1 y))   (C_s -> C_{s+1}, H -> H/2)
+                or y <- zero-pad channels(pool_2 y)  (connective=pad, parameter-free; Chang et al. 2018)
     logits = h^d W^T y + mu   (full field)  or  Linear(mean_hw y)   (global average pool)
 
 Shapes: images ``(B, C_in, H, W)``, states ``(B, C_s, H_s, W_s)``, logits ``(B, classes)``.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from msnet import MsnetError
 from msnet.core.activations import ACTIVATIONS
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator
 from msnet.core.residual import RESIDUALS, AbstractResidual
+from msnet.core.reversible import check_scheme, odeint_scheme, uses_scheme
 
 
 @dataclass
@@ -31,6 +33,22 @@ class StageSpec:
     channels: int
     layers: int
     T: float = 1.0
+
+
+@dataclass
+class StochasticDepth:
+    """Stochastic depth (Huang, Sun, Liu, Sedra, Weinberger, ECCV 2016) as a stochastic dynamical system.
+
+    Step l = 1..L, counted over the whole network (all stages in order, as Huang et
+    al. and Lu et al.'s ``MResNet`` do), survives with probability
+    p_l = 1 - (l / L)(1 - p_last): the first step almost always, the last with
+    ``p_last``. Training multiplies the step's h F by a gate b_l ~ Bernoulli(p_l),
+    one draw per step and forward pass (the whole batch shares it); evaluation
+    multiplies it by p_l, the gate's mean (Huang et al., Sec. 3). ``p_last = 1``
+    turns it off.
+    """
+
+    p_last: float = 1.0
 
 
 @dataclass
@@ -45,10 +63,16 @@ class ModelSpec:
     activation: str = "tanh"
     integrator: str = "euler"
     classifier: str = "full_field"
+    stochastic_depth: StochasticDepth = field(default_factory=StochasticDepth)
+    connective: str = "conv"  # between stages: "conv" (1x1 conv + pool) or "pad" (pool + zero channels)
+    # how gradients are computed, not what is computed: not compared, so a run resumes under either
+    backprop: str = field(default="store", compare=False)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
         self.stages = [s if isinstance(s, StageSpec) else StageSpec(**s) for s in self.stages]
+        if not isinstance(self.stochastic_depth, StochasticDepth):
+            self.stochastic_depth = StochasticDepth(**self.stochastic_depth)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain-data form (lists, numbers, strings) that survives ``torch.load(weights_only=True)``."""
@@ -71,9 +95,13 @@ class ModelSpec:
             )
         if not self.stages:
             raise MsnetError("the model needs at least one stage (model.stages)")
+        check_p_last(self.stochastic_depth.p_last)
         for i, s in enumerate(self.stages):
             if s.layers < 1 or s.channels < 1 or not s.T > 0:
                 raise MsnetError(f"stage {i} needs layers >= 1, channels >= 1 and T > 0 (got {s})")
+        widths = [s.channels for s in self.stages]
+        check_scheme(INTEGRATORS.get(self.integrator), RESIDUALS.get(self.residual), self.backprop, widths)
+        check_connective(self.connective, widths)
         h, w = self.image_size
         shrink = 2 ** (len(self.stages) - 1)
         if h % shrink or w % shrink:
@@ -89,12 +117,21 @@ class ODEBlock(nn.Module):
     Its parameters are per-step tensors with a leading time axis, exposed by name
     through :meth:`step_parameters` (e.g. ``K (N, C, C, 3, 3)``, ``b (N, C)``);
     step j acts on [t_j, t_{j+1}) with t_j = j h (:meth:`time_grid`).
+    ``backprop="reversible"`` (reversible integrators only) rebuilds the states in
+    backward instead of storing them (:mod:`msnet.core.reversible`).
     """
 
-    def __init__(self, residual: AbstractResidual, integrator: AbstractIntegrator, layers: int, T: float):
+    def __init__(
+        self, residual: AbstractResidual, integrator: AbstractIntegrator, layers: int, T: float,
+        backprop: str = "store",
+    ):
         super().__init__()
+        check_scheme(type(integrator), type(residual), backprop)
+        if backprop == "reversible" and not uses_scheme(integrator):
+            raise MsnetError(f"integrator {integrator.name!r} has no reversible step table; use model.backprop=store")
         self.residual = residual
         self.integrator = integrator
+        self.backprop = backprop
         self.T = float(T)
         self.params = nn.ParameterDict()
         self._build(layers)
@@ -143,7 +180,22 @@ class ODEBlock(nn.Module):
             old = self.params[name]
             self.params[name] = nn.Parameter(v.detach().to(device=old.device, dtype=old.dtype).clone())
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, survival: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y(T) from y(0) ``(B, C, H, W)``.
+
+        ``survival`` ``(N,)`` (on the CPU): stochastic depth's survival probability
+        p_j of each step. In training mode step j's F is multiplied by a gate
+        b_j ~ Bernoulli(p_j) drawn once per call from torch's global RNG (a dropped
+        step skips its residual evaluations); in eval mode by p_j. Every integrator
+        then gets it for free: Euler steps u + b_j h F(u), LM steps
+        u - k_j (u - u_prev) + b_j h F(u), and a Runge-Kutta step drops all its stages.
+        Reversible schemes run through :func:`~msnet.core.reversible.odeint_scheme`
+        (parts of F evaluated alone; ``backprop``), with the same gates.
+        """
+        if uses_scheme(self.integrator):
+            scales = None if survival is None else _step_scales(survival, self.training)
+            params = self.step_parameters()
+            return odeint_scheme(self.integrator, self.residual, y, self.h, params, scales, self.backprop)
         res_names = list(self.residual.shapes())
         res = [self.params[k] for k in res_names]
         own = {k: self.params[k] for k in self.integrator.shapes()}
@@ -151,6 +203,8 @@ class ODEBlock(nn.Module):
         def f(j: int, state: torch.Tensor) -> torch.Tensor:
             return self.residual(state, {k: p[j] for k, p in zip(res_names, res)})
 
+        if survival is not None:
+            f = _gated(f, survival, self.training)
         return self.integrator.integrate(f, y, self.h, self.layers, own)
 
 
@@ -215,6 +269,38 @@ class Connective(nn.Module):
         return F.avg_pool2d(self.activation(self.conv(y)), 2)
 
 
+class PadConnective(nn.Module):
+    """Between stages, parameter-free: y <- zero-pad channels(avgpool_2(y)), C_s -> C_{s+1} >= C_s.
+
+    Chang et al. 2018's units are joined by 2x pooling and zero-padded channel growth
+    (the authors' ``_possible_downsample``). The new channels are split between front
+    and back, d/2 each for d = C_{s+1} - C_s, so a (Y, Z) halving of the channels
+    carries over: [Y, Z] -> [0, Y | Z, 0]. ``activation`` is accepted and unused.
+    """
+
+    def __init__(self, c_in: int, c_out: int, activation: str = "identity"):
+        super().__init__()
+        self.front = (c_out - c_in) // 2
+        self.back = c_out - c_in - self.front
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.pad(F.avg_pool2d(y, 2), (0, 0, 0, 0, self.front, self.back))
+
+
+CONNECTIVES = {"conv": Connective, "pad": PadConnective}
+
+
+def check_connective(name: str, widths: List[int]) -> None:
+    """Fail with one line unless connective ``name`` can join stages of these channel counts."""
+    if name not in CONNECTIVES:
+        raise MsnetError(f"unknown model.connective {name!r}; choose one of: {', '.join(sorted(CONNECTIVES))}")
+    if name == "pad" and any(b < a for a, b in zip(widths, widths[1:])):
+        raise MsnetError(
+            f"model.connective=pad grows channels by zero padding, but the stage widths {widths} shrink; "
+            "use model.connective=conv"
+        )
+
+
 class ODEResNet(nn.Module):
     """The whole network, built from a :class:`ModelSpec` (see the module docstring)."""
 
@@ -229,10 +315,11 @@ class ODEResNet(nn.Module):
         residual_cls = RESIDUALS.get(spec.residual)
         integrator_cls = INTEGRATORS.get(spec.integrator)
         self.blocks = nn.ModuleList(
-            ODEBlock(residual_cls(s.channels, act), integrator_cls(), s.layers, s.T) for s in spec.stages
+            ODEBlock(residual_cls(s.channels, act), integrator_cls(), s.layers, s.T, spec.backprop)
+            for s in spec.stages
         )
         self.connectives = nn.ModuleList(
-            Connective(a.channels, b.channels, act) for a, b in zip(spec.stages[:-1], spec.stages[1:])
+            CONNECTIVES[spec.connective](a.channels, b.channels, act) for a, b in zip(spec.stages[:-1], spec.stages[1:])
         )
         shrink = 2 ** (len(spec.stages) - 1)
         final = (spec.image_size[0] // shrink, spec.image_size[1] // shrink)
@@ -241,11 +328,25 @@ class ODEResNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The final state y(T) of the last stage, ``(B, C_last, H_last, W_last)``."""
         y = self.activation(self.opening(x))
+        survival = self.survival_probabilities()
         for s, block in enumerate(self.blocks):
             if s > 0:
                 y = self.connectives[s - 1](y)
-            y = block(y)
+            y = block(y, survival[s] if survival is not None else None)
         return y
+
+    def survival_probabilities(self) -> Optional[List[torch.Tensor]]:
+        """Stochastic depth's p_l per stage, ``(N_stage,)`` float64 each; None when it is off.
+
+        Recomputed from the current depths, so it follows depth schedules.
+        """
+        p_last = self.spec.stochastic_depth.p_last
+        if p_last >= 1.0:
+            return None
+        depths = self.depth()
+        total = sum(depths)
+        p = 1.0 - torch.arange(1, total + 1, dtype=torch.float64) / total * (1.0 - p_last)
+        return list(torch.split(p, depths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -266,6 +367,32 @@ class ODEResNet(nn.Module):
         """Refresh ``spec.stages[*].layers`` after a schedule changed the depth."""
         for s, block in zip(self.spec.stages, self.blocks):
             s.layers = block.layers
+
+
+def check_p_last(p_last: float) -> None:
+    """Fail with one line unless stochastic depth's final survival probability is in (0, 1]."""
+    if not 0.0 < p_last <= 1.0:
+        raise MsnetError(
+            f"model.stochastic_depth.p_last must be in (0, 1] (1 turns stochastic depth off), got {p_last}"
+        )
+
+
+def _step_scales(survival: torch.Tensor, training: bool) -> List[float]:
+    """Stochastic depth's factor on each step's F: a Bernoulli(p_j) draw (training) or p_j (evaluation)."""
+    return (torch.bernoulli(survival) if training else survival).tolist()
+
+
+def _gated(f, survival: torch.Tensor, training: bool):
+    """``f`` with step j's output scaled by :func:`_step_scales`; a dropped step never evaluates F."""
+    scales = _step_scales(survival, training)
+
+    def gated(j: int, state: torch.Tensor) -> torch.Tensor:
+        if scales[j] == 0.0:
+            return torch.zeros_like(state)
+        out = f(j, state)
+        return out if scales[j] == 1.0 else out * scales[j]
+
+    return gated
 
 
 def build_model(spec: ModelSpec) -> ODEResNet:

@@ -70,3 +70,81 @@ class ConvAct(AbstractResidual):
 
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return self.activation(F.conv2d(y, theta["K"], theta["b"], padding=1))
+
+
+def _uniform_fan_in_(weight: torch.Tensor) -> None:
+    """PyTorch's default conv scale U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for stacked ``(N, out, in, kh, kw)``."""
+    fan_in = weight.shape[2] * weight.shape[3] * weight.shape[4]
+    bound = 1.0 / math.sqrt(fan_in)
+    weight.uniform_(-bound, bound)
+
+
+@RESIDUALS.register("preact_basic")
+class PreActBasic(AbstractResidual):
+    """F(y) = K2 sigma(K1 sigma(y) + b1) + b2: the pre-activation basic block, two 3x3 convolutions.
+
+    He, Zhang, Ren, Sun, "Identity mappings in deep residual networks", ECCV 2016,
+    Fig. 4(e) without batch normalisation (msnet's networks are normalisation-free);
+    the residual function of Lu et al. 2018's LM-ResNet on CIFAR.
+    Parameters per step: ``K1, K2 (C, C, 3, 3)`` (stencils, zero boundary), ``b1, b2 (C,)``.
+    """
+
+    name = "preact_basic"
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        c = self.channels
+        return {"K1": (c, c, 3, 3), "b1": (c,), "K2": (c, c, 3, 3), "b2": (c,)}
+
+    def init_(self, params: Params) -> None:
+        # PyTorch's default conv scale, independently for every step; zero biases.
+        with torch.no_grad():
+            _uniform_fan_in_(params["K1"])
+            _uniform_fan_in_(params["K2"])
+            params["b1"].zero_()
+            params["b2"].zero_()
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        z = F.conv2d(self.activation(y), theta["K1"], theta["b1"], padding=1)
+        return F.conv2d(self.activation(z), theta["K2"], theta["b2"], padding=1)
+
+
+@RESIDUALS.register("preact_bottleneck")
+class PreActBottleneck(AbstractResidual):
+    """F(y) = W3 sigma(K2 sigma(W1 sigma(y) + b1) + b2) + b3: the pre-activation bottleneck block.
+
+    He, Zhang, Ren, Sun, "Identity mappings in deep residual networks", ECCV 2016
+    (bottleneck of He et al. 2016 "Deep residual learning", Fig. 5, in pre-activation
+    order), without batch normalisation. A 1x1 convolution reduces C channels to
+    m = max(1, C // 4), a 3x3 convolution acts on m channels, a 1x1 convolution expands
+    back to C (the state keeps C channels, so C plays the role of 4 x planes).
+    Parameters per step: ``W1 (m, C, 1, 1)``, ``b1 (m,)``, ``K2 (m, m, 3, 3)``, ``b2 (m,)``,
+    ``W3 (C, m, 1, 1)``, ``b3 (C,)``.
+    """
+
+    name = "preact_bottleneck"
+    expansion: ClassVar[int] = 4
+
+    @property
+    def width(self) -> int:
+        """Channels m of the bottleneck, max(1, C // 4)."""
+        return max(1, self.channels // self.expansion)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        c, m = self.channels, self.width
+        return {
+            "W1": (m, c, 1, 1), "b1": (m,),
+            "K2": (m, m, 3, 3), "b2": (m,),
+            "W3": (c, m, 1, 1), "b3": (c,),
+        }
+
+    def init_(self, params: Params) -> None:
+        with torch.no_grad():
+            for name in ("W1", "K2", "W3"):
+                _uniform_fan_in_(params[name])
+            for name in ("b1", "b2", "b3"):
+                params[name].zero_()
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        z = F.conv2d(self.activation(y), theta["W1"], theta["b1"])
+        z = F.conv2d(self.activation(z), theta["K2"], theta["b2"], padding=1)
+        return F.conv2d(self.activation(z), theta["W3"], theta["b3"])

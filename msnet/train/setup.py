@@ -10,7 +10,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from msnet import MsnetError
-from msnet.core import ACTIVATIONS, INTEGRATORS, RESIDUALS, CLASSIFIERS, ModelSpec, StageSpec
+from msnet.core import ACTIVATIONS, INTEGRATORS, RESIDUALS, CLASSIFIERS, ModelSpec, StageSpec, StochasticDepth
+from msnet.core.network import check_connective, check_p_last
+from msnet.core.reversible import check_scheme
 from msnet.data import DATASETS, DataBundle
 from msnet.train.optim import OPTIMIZERS, SCHEDULERS
 
@@ -58,14 +60,42 @@ def check_config(cfg: DictConfig) -> None:
             raise MsnetError(f"model.{key} must be at least 1, got {cfg.model[key]}")
     if not cfg.model.T > 0:
         raise MsnetError(f"model.T must be positive, got {cfg.model.T}")
+    check_p_last(stochastic_depth_p_last(cfg.model))
+    check_architecture(cfg.model)
+
+
+def stochastic_depth_p_last(model_cfg: Any) -> float:
+    """``model.stochastic_depth.p_last``; 1.0 (off) for configs saved before it existed."""
+    return float(OmegaConf.select(model_cfg, "stochastic_depth.p_last", default=1.0))
+
+
+def stage_widths(model_cfg: Any) -> List[int]:
+    """Channels of each stage: ``model.widths`` when set, else ``channels * growth**i``."""
+    widths = OmegaConf.select(model_cfg, "widths", default=None)
+    if widths is None:
+        return [int(model_cfg.channels * model_cfg.growth**i) for i in range(int(model_cfg.stages))]
+    widths = [int(w) for w in widths]
+    if len(widths) != int(model_cfg.stages) or min(widths) < 1:
+        raise MsnetError(
+            f"model.widths={widths} needs one positive channel count per stage (model.stages={model_cfg.stages})"
+        )
+    return widths
+
+
+def check_architecture(model_cfg: Any) -> None:
+    """Integrator, residual, backprop and connective fit together at the stage widths.
+
+    Configs saved before ``backprop``/``connective`` existed read as ``store``/``conv``.
+    """
+    widths = stage_widths(model_cfg)
+    backprop = OmegaConf.select(model_cfg, "backprop", default="store")
+    check_scheme(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual), backprop, widths)
+    check_connective(OmegaConf.select(model_cfg, "connective", default="conv"), widths)
 
 
 def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
     """The :class:`ModelSpec` the ``model`` config describes, sized for ``data``."""
-    stages = [
-        StageSpec(int(model_cfg.channels * model_cfg.growth**i), int(model_cfg.layers), float(model_cfg.T))
-        for i in range(int(model_cfg.stages))
-    ]
+    stages = [StageSpec(c, int(model_cfg.layers), float(model_cfg.T)) for c in stage_widths(model_cfg)]
     spec = ModelSpec(
         in_channels=data.in_channels,
         num_classes=data.num_classes,
@@ -75,6 +105,9 @@ def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
         activation=model_cfg.activation,
         integrator=model_cfg.integrator,
         classifier=model_cfg.classifier,
+        stochastic_depth=StochasticDepth(stochastic_depth_p_last(model_cfg)),
+        connective=OmegaConf.select(model_cfg, "connective", default="conv"),
+        backprop=OmegaConf.select(model_cfg, "backprop", default="store"),
     )
     spec.validate()
     return spec

@@ -1,0 +1,508 @@
+"""Reversible integrators and backprop that rebuilds the states instead of storing them.
+
+Chang, Meng, Haber, Ruthotto, Begert, Holtham, "Reversible architectures for
+arbitrarily deep residual neural networks", AAAI 2018 (arXiv:1709.03698), derive
+three stable discretisations whose steps can be undone exactly:
+
+    hamiltonian   Y_{j+1} = Y_j + h K1_j^T sigma(K1_j Z_j + b1_j)
+                  Z_{j+1} = Z_j - h K2_j^T sigma(K2_j Y_{j+1} + b2_j)      channels split (Y, Z)
+    midpoint      Y_{j+1} = Y_{j-1} + 2h F_j(Y_j)                           F = sigma(K Y + b)
+    leapfrog      Y_{j+1} = 2 Y_j - Y_{j-1} + h^2 F_j(Y_j)                  F = -K^T sigma(K Y + b)
+
+(K^T is the transposed convolution with the same stencils, ``conv_transpose2d``.)
+
+**Where the parameters live.** msnet keeps "what the ODE is" (a residual function F
+with per-step parameters) apart from "how it is stepped" (an integrator). The
+Hamiltonian network is an ODE, d(Y, Z)/dt = (K1^T sigma(K1 Z + b1), -K2^T sigma(K2 Y + b2)),
+stepped by symplectic Euler, so it is split the same way: the residual ``hamiltonian``
+(:class:`HamiltonianResidual`, registered in ``RESIDUALS``) owns K1, b1, K2, b2 for
+C/2 channels and evaluates either half of the field on its own (its ``parts``); the
+integrator ``hamiltonian`` steps any residual that has those parts, and refuses
+others with one :class:`~msnet.MsnetError` line. The alternative, an integrator that
+owns K1..b2 through :meth:`AbstractIntegrator.shapes`, does not fit: an integrator is
+built without knowing the channel count, and the block would still build (and
+train) the unused parameters of the residual it ignores. With the split, forward
+Euler on the same residual (``integrator=euler residual=hamiltonian``) is the
+non-symplectic discretisation of the same ODE with the same weights, which is what
+the stability comparison needs, and depth/resolution schedules see ordinary per-step
+tensors ``K1 (N, C/2, C/2, 3, 3)`` etc. Midpoint and leapfrog need no split: they
+step any residual F, and the paper's leapfrog field -K^T sigma(K Y + b) is the
+residual ``conv_sym`` (:class:`ConvSym`, Haber & Ruthotto 2017's symmetric layer).
+
+**Schemes as data.** Each scheme is a short table of additive sub-steps
+(:class:`Update`) x[dst] <- alpha x[dst] + beta x[src] + c h^p F_part(x[src]) on a
+tuple state, followed by a permutation of the tuple. Because F_part reads only
+x[src] and src != dst, every sub-step is undone exactly by solving for x[dst], so
+forward step, inverse step and the gradient step all come from the one table.
+
+**First steps.** The two-step schemes carry (Y_{j-1}, Y_j) and need Y_1 from Y_0:
+
+- midpoint: forward Euler, Y_1 = Y_0 + h F_0(Y_0). Its O(h^2) local error keeps the
+  scheme at order 2.
+- leapfrog: Y_1 = Y_0 + (h^2 / 2) F_0(Y_0), the Taylor (Stoermer-Verlet) start of
+  Y'' = F(Y) with Y'(0) = 0; order 2.
+
+Both use step 0's parameters, so an N-step block has exactly N parameter slices, as
+every msnet integrator. Meganet's ``LeapFrogNN`` (Ruthotto & Haber's MATLAB code,
+which cites this paper) starts instead from Y_{-1} = 0, i.e. Y_1 = 2 Y_0 + h^2 F_0(Y_0);
+that start is not consistent with the ODE (Y_j then grows like j Y_0), so msnet
+does not use it. The paper's own equations for the first step could not be read
+from here.
+
+**Reversible backprop** (:func:`odeint_scheme` with ``backprop="reversible"``) runs a
+stage in a custom :class:`torch.autograd.Function` that keeps only the final state
+(two tensors) and the parameters. Backward walks the steps from last to first:
+for each sub-step it evaluates F_part once with autograd on (the source state and
+step j's parameter slices), undoes the sub-step with that value, and pulls the
+gradient back through it with one vector-Jacobian product. So a step costs one
+extra residual evaluation over ordinary backprop (about 4/3 of its time), and the
+activation memory of a stage does not grow with its depth. The states used for the
+gradient are rebuilt ones: they agree with the stored states to round-off (after 64
+steps, relative to max |y|: float64 2e-16 to 4e-15, float32 1e-7 to 4e-6, leapfrog
+the largest), so gradients agree with ``backprop="store"`` to the same level. A
+scheme is only as reversible as its inverse is stable: midpoint on a field with real
+eigenvalues amplifies round-off backward as it amplifies data forward. Double
+backward is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from msnet import MsnetError
+from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, Params, StepFunction
+from msnet.core.residual import RESIDUALS, AbstractResidual
+
+State = Tuple[torch.Tensor, ...]
+BACKPROPS = ("store", "reversible")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One sub-step on a tuple state: x[dst] <- alpha x[dst] + beta x[src] + coef h^power F_part(x[src]).
+
+    ``part`` names the piece of the residual function evaluated (``None``: F itself;
+    ``"y"``/``"z"``: one half of a partitioned field, see :class:`HamiltonianResidual`).
+    F_part depends on x[src] only and ``src != dst``, so the sub-step is undone by
+    x[dst] <- (x[dst] - beta x[src] - coef h^power F_part(x[src])) / alpha.
+    """
+
+    dst: int
+    src: int
+    coef: float
+    power: int = 1
+    alpha: float = 1.0
+    beta: float = 0.0
+    part: Optional[str] = None
+
+
+Evaluate = Callable[[Update, torch.Tensor], torch.Tensor]
+"""``F(u, x)``: step j's residual (or the part ``u.part`` of it) at ``x``."""
+
+
+def residual_evaluator(residual: AbstractResidual, theta: Params) -> Evaluate:
+    """Evaluate ``residual`` (or one of its parts) with one step's parameters ``theta``."""
+
+    def evaluate(u: Update, x: torch.Tensor) -> torch.Tensor:
+        if u.part is None:
+            return residual(x, theta)
+        return residual.part(u.part, x, theta)  # type: ignore[attr-defined]
+
+    return evaluate
+
+
+class ReversibleScheme(AbstractIntegrator):
+    """An integrator given by tables of invertible sub-steps (:class:`Update`); ``reversible = True``.
+
+    The state is a tuple of tensors built from y_0 by :meth:`start` and turned back
+    into y by :meth:`finish` (``finish(start(y)) == y``). Step 0 applies ``first``,
+    later steps ``rest``; each step then reorders the tuple by ``perm``
+    (new[i] = old[perm[i]]). ``parts`` lists the residual parts the tables use.
+    """
+
+    reversible = True
+    first: ClassVar[Tuple[Update, ...]]
+    rest: ClassVar[Tuple[Update, ...]]
+    perm: ClassVar[Tuple[int, ...]]
+    parts: ClassVar[Tuple[str, ...]] = ()
+
+    def start(self, y0: torch.Tensor) -> State:
+        """The state before step 0, from y_0 ``(B, C, H, W)``."""
+        raise NotImplementedError
+
+    def finish(self, state: State) -> torch.Tensor:
+        """y ``(B, C, H, W)`` from a state."""
+        raise NotImplementedError
+
+    def updates(self, j: int) -> Tuple[Update, ...]:
+        """The sub-steps of step j."""
+        return self.first if j == 0 else self.rest
+
+    def step(self, F: Evaluate, j: int, h: float, state: State, scale: float = 1.0) -> State:
+        """Step j: the state after it. ``scale`` multiplies every F term (stochastic depth's gate)."""
+        x = list(state)
+        for u in self.updates(j):
+            c = u.coef * h**u.power * scale
+            new = x[u.dst] if u.alpha == 1.0 else u.alpha * x[u.dst]
+            if u.beta != 0.0:
+                new = new + u.beta * x[u.src]
+            if c != 0.0:
+                new = torch.add(new, F(u, x[u.src]), alpha=c)
+            x[u.dst] = new
+        return tuple(x[p] for p in self.perm)
+
+    def _unpermute(self, values: Sequence) -> list:
+        old = [None] * len(values)
+        for i, p in enumerate(self.perm):
+            old[p] = values[i]
+        return old
+
+    def inverse_step(self, F: Evaluate, j: int, h: float, state: State, scale: float = 1.0) -> State:
+        """Undo step j: the state before it, from the state after it (exact up to round-off)."""
+        x = self._unpermute(state)
+        for u in reversed(self.updates(j)):
+            c = u.coef * h**u.power * scale
+            x[u.dst] = self._undo(u, x, c, F(u, x[u.src]) if c != 0.0 else None)
+        return tuple(x)
+
+    @staticmethod
+    def _undo(u: Update, x: list, c: float, v: Optional[torch.Tensor]) -> torch.Tensor:
+        old = x[u.dst]
+        if v is not None:
+            old = torch.sub(old, v, alpha=c)
+        if u.beta != 0.0:
+            old = old - u.beta * x[u.src]
+        return old if u.alpha == 1.0 else old / u.alpha
+
+    def reverse_step(
+        self, F: Evaluate, j: int, h: float, state: State, grads: List[torch.Tensor],
+        inputs: Sequence[torch.Tensor], scale: float = 1.0,
+    ) -> Tuple[State, List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        """Undo step j and pull the gradient back through it.
+
+        ``state``: the state after step j; ``grads``: dL/d(that state), one tensor per
+        entry; ``inputs``: leaf tensors F closes over (step j's parameter slices).
+        Returns the state before step j, dL/d(it), and dL/d(inputs) (``None`` where
+        unused). Each sub-step evaluates its F_part once, with autograd, and uses the
+        value both to undo the sub-step and for the vector-Jacobian product.
+        """
+        x = self._unpermute(state)
+        g = self._unpermute(grads)
+        g_in: List[Optional[torch.Tensor]] = [None] * len(inputs)
+        for u in reversed(self.updates(j)):
+            c = u.coef * h**u.power * scale
+            g_dst = g[u.dst]
+            if c != 0.0:
+                src = x[u.src].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    v = F(u, src)
+                vjp = torch.autograd.grad(v, (src, *inputs), c * g_dst, allow_unused=True)
+                x[u.dst] = self._undo(u, x, c, v.detach())
+                if vjp[0] is not None:
+                    g[u.src] = g[u.src] + vjp[0]
+                for i, gi in enumerate(vjp[1:]):
+                    if gi is not None:
+                        g_in[i] = gi if g_in[i] is None else g_in[i] + gi
+            else:
+                x[u.dst] = self._undo(u, x, c, None)
+            if u.beta != 0.0:
+                g[u.src] = g[u.src] + u.beta * g_dst
+            if u.alpha != 1.0:
+                g[u.dst] = u.alpha * g_dst
+        return tuple(x), g, g_in
+
+    def integrate(self, f: StepFunction, y0: torch.Tensor, h: float, n_steps: int, params: Params) -> torch.Tensor:
+        """y_N from y_0 through ``f(j, y)`` alone (the generic integrator API).
+
+        A partitioned sub-step evaluates the whole F on a state that is zero outside
+        x[src] and keeps the x[dst] half: right for fields whose parts read only their
+        source, at twice the work. :class:`~msnet.core.network.ODEBlock` does not come
+        here: it calls :func:`odeint_scheme`, which evaluates the parts alone.
+        """
+        state = self.start(y0)
+        for j in range(n_steps):
+
+            def evaluate(u: Update, x: torch.Tensor, j: int = j) -> torch.Tensor:
+                if u.part is None:
+                    return f(j, x)
+                whole = [torch.zeros_like(x) for _ in state]
+                whole[u.src] = x
+                return self.start(f(j, self.finish(tuple(whole))))[u.dst]
+
+            state = self.step(evaluate, j, h, state)
+        return self.finish(state)
+
+
+class TwoStepScheme(ReversibleScheme):
+    """State (Y_{j-1}, Y_j); each step writes Y_{j+1} over Y_{j-1} and swaps. Starts from (Y_0, Y_0)."""
+
+    history = 2
+    perm = (1, 0)
+
+    def start(self, y0: torch.Tensor) -> State:
+        return (y0, y0)
+
+    def finish(self, state: State) -> torch.Tensor:
+        return state[1]
+
+
+@INTEGRATORS.register("midpoint")
+class Midpoint(TwoStepScheme):
+    """The midpoint (leapfrog two-step) rule Y_{j+1} = Y_{j-1} + 2h F_j(Y_j). Order 2.
+
+    Chang et al. 2018 (arXiv:1709.03698), the Midpoint Network, with F = sigma(K Y + b)
+    (``residual=conv_act``); Hairer-Norsett-Wanner, *Solving ODEs I*, sec. III.1.
+    First step: forward Euler Y_1 = Y_0 + h F_0(Y_0). Inverse: Y_{j-1} = Y_{j+1} - 2h F_j(Y_j).
+    Stable for fields whose Jacobian has imaginary eigenvalues; a real eigenvalue
+    excites the parasitic root -1 (weak instability), as the paper discusses.
+    """
+
+    name = "midpoint"
+    order = 2
+    stages = 1
+    first = (Update(dst=0, src=1, coef=1.0),)
+    rest = (Update(dst=0, src=1, coef=2.0),)
+
+
+@INTEGRATORS.register("leapfrog")
+class Leapfrog(TwoStepScheme):
+    """Leapfrog (Stoermer-Verlet) for Y'' = F(Y): Y_{j+1} = 2Y_j - Y_{j-1} + h^2 F_j(Y_j). Order 2.
+
+    Chang et al. 2018 (arXiv:1709.03698), the Leapfrog Network, with
+    F = -K^T sigma(K Y + b) (``residual=conv_sym``), which makes Y'' = F(Y) stable
+    (Haber & Ruthotto, "Stable architectures for deep neural networks", 2017).
+    First step: Y_1 = Y_0 + (h^2/2) F_0(Y_0) (Y'(0) = 0). Inverse:
+    Y_{j-1} = 2Y_j - Y_{j+1} + h^2 F_j(Y_j). ``T`` is the final time of Y'' = F(Y).
+    """
+
+    name = "leapfrog"
+    order = 2
+    stages = 1
+    first = (Update(dst=0, src=1, coef=0.5, power=2),)
+    rest = (Update(dst=0, src=1, coef=1.0, power=2, alpha=-1.0, beta=2.0),)
+
+
+@INTEGRATORS.register("hamiltonian")
+class Hamiltonian(ReversibleScheme):
+    """Symplectic Euler for the Hamiltonian field of :class:`HamiltonianResidual`. Order 1.
+
+    Chang et al. 2018 (arXiv:1709.03698), the Hamiltonian Network: the state's
+    channels are split into (Y, Z) halves and
+    Y_{j+1} = Y_j + h F_y(Z_j),  Z_{j+1} = Z_j + h F_z(Y_{j+1}),
+    with F_y(Z) = K1^T sigma(K1 Z + b1), F_z(Y) = -K2^T sigma(K2 Y + b2). Inverse:
+    Z_j = Z_{j+1} - h F_z(Y_{j+1}), Y_j = Y_{j+1} - h F_y(Z_j). One step is one
+    Hamiltonian block of the paper (two 'layers', four convolutions). Needs a residual
+    with parts ``("y", "z")``: ``residual=hamiltonian``.
+    """
+
+    name = "hamiltonian"
+    order = 1
+    history = 1
+    stages = 2
+    parts = ("y", "z")
+    perm = (0, 1)
+    first = rest = (Update(dst=0, src=1, coef=1.0, part="y"), Update(dst=1, src=0, coef=1.0, part="z"))
+
+    def start(self, y0: torch.Tensor) -> State:
+        return tuple(y0.chunk(2, dim=1))
+
+    def finish(self, state: State) -> torch.Tensor:
+        return torch.cat(state, dim=1)
+
+
+def _conv_bound(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in)
+
+
+def sym_conv(x: torch.Tensor, K: torch.Tensor, b: torch.Tensor, activation) -> torch.Tensor:
+    """K^T sigma(K x + b) for 3x3 stencils K ``(C_out, C_in, 3, 3)``, zero boundary: ``(B, C_in, H, W)``.
+
+    K^T is ``conv_transpose2d(., K, padding=1)``, computed as the equal ``conv2d`` with the
+    stencils swapped in and out and flipped, which takes PyTorch's fast convolution path.
+    """
+    return F.conv2d(activation(F.conv2d(x, K, b, padding=1)), K.transpose(0, 1).flip(2, 3), padding=1)
+
+
+@RESIDUALS.register("hamiltonian")
+class HamiltonianResidual(AbstractResidual):
+    """The Hamiltonian field F(Y, Z) = (K1^T sigma(K1 Z + b1), -K2^T sigma(K2 Y + b2)).
+
+    Chang et al. 2018 (arXiv:1709.03698), eq. for the Hamiltonian network; the
+    authors' code (github.com/changebo/revnet-public, ``hamiltonian_model.py``) also
+    uses one stencil K and its transpose per half. The state's C channels are
+    (Y, Z) = (first C/2, last C/2); C must be even. ``parts``: ``"y"`` is dY/dt from Z,
+    ``"z"`` is dZ/dt from Y. Parameters per step: ``K1, K2 (C/2, C/2, 3, 3)``,
+    ``b1, b2 (C/2,)``; K^T is ``conv_transpose2d`` with the same stencil (zero boundary).
+    """
+
+    name = "hamiltonian"
+    parts: ClassVar[Tuple[str, ...]] = ("y", "z")
+    channel_multiple: ClassVar[int] = 2
+
+    def __init__(self, channels: int, activation: str = "tanh"):
+        if channels % 2:
+            raise MsnetError(
+                f"residual 'hamiltonian' splits channels into halves (Y, Z); got {channels}, use an even count"
+            )
+        super().__init__(channels, activation)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        c = self.channels // 2
+        return {"K1": (c, c, 3, 3), "b1": (c,), "K2": (c, c, 3, 3), "b2": (c,)}
+
+    def init_(self, params: Params) -> None:
+        bound = _conv_bound(9 * (self.channels // 2))
+        with torch.no_grad():
+            params["K1"].uniform_(-bound, bound)
+            params["K2"].uniform_(-bound, bound)
+            params["b1"].zero_()
+            params["b2"].zero_()
+
+    def part(self, name: str, x: torch.Tensor, theta: Params) -> torch.Tensor:
+        """``"y"``: K1^T sigma(K1 x + b1) with x = Z; ``"z"``: -K2^T sigma(K2 x + b2) with x = Y. ``(B, C/2, H, W)``."""
+        if name == "y":
+            return sym_conv(x, theta["K1"], theta["b1"], self.activation)
+        if name == "z":
+            return -sym_conv(x, theta["K2"], theta["b2"], self.activation)
+        raise MsnetError(f"residual 'hamiltonian' has parts 'y' and 'z', not {name!r}")
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        Y, Z = y.chunk(2, dim=1)
+        return torch.cat([self.part("y", Z, theta), self.part("z", Y, theta)], dim=1)
+
+
+@RESIDUALS.register("conv_sym")
+class ConvSym(AbstractResidual):
+    """F(y) = -K^T sigma(K y + b): the symmetric (negative semi-definite Jacobian) layer.
+
+    Haber & Ruthotto, "Stable architectures for deep neural networks", Inverse
+    Problems 2017 (Meganet's ``doubleSymLayer``); the field of Chang et al. 2018's
+    leapfrog network. For monotone sigma the Jacobian -K^T D K is symmetric negative
+    semi-definite, so Y'' = F(Y) oscillates instead of growing. Parameters per step:
+    ``K (C, C, 3, 3)``, ``b (C,)``; K^T is ``conv_transpose2d`` with the same stencil.
+    """
+
+    name = "conv_sym"
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        c = self.channels
+        return {"K": (c, c, 3, 3), "b": (c,)}
+
+    def init_(self, params: Params) -> None:
+        bound = _conv_bound(9 * self.channels)
+        with torch.no_grad():
+            params["K"].uniform_(-bound, bound)
+            params["b"].zero_()
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        return -sym_conv(y, theta["K"], theta["b"], self.activation)
+
+
+def reversible_names() -> List[str]:
+    """Names of the registered integrators with an exact inverse step."""
+    return [n for n in INTEGRATORS.names() if INTEGRATORS.get(n).reversible]
+
+
+def check_scheme(integrator_cls: type, residual_cls: type, backprop: str, widths: Sequence[int] = ()) -> None:
+    """Fail with one line unless the integrator class can step the residual class with ``backprop`` at these widths."""
+    integrator, residual = integrator_cls.name, residual_cls.name
+    if backprop not in BACKPROPS:
+        raise MsnetError(f"unknown model.backprop {backprop!r}; choose one of: {', '.join(BACKPROPS)}")
+    if backprop == "reversible" and not integrator_cls.reversible:
+        raise MsnetError(
+            f"model.backprop=reversible needs a reversible integrator, and {integrator!r} is not; "
+            f"use model.integrator= one of: {', '.join(reversible_names())} (or model.backprop=store)"
+        )
+    needs = set(getattr(integrator_cls, "parts", ()))
+    if not needs <= set(getattr(residual_cls, "parts", ())):
+        fits = [r for r in RESIDUALS.names() if needs <= set(getattr(RESIDUALS.get(r), "parts", ()))]
+        raise MsnetError(
+            f"integrator {integrator!r} steps the parts {sorted(needs)} of a partitioned field, "
+            f"which residual {residual!r} lacks; use model.residual= one of: {', '.join(fits)}"
+        )
+    multiple = getattr(residual_cls, "channel_multiple", 1)
+    if any(c % multiple for c in widths):
+        raise MsnetError(
+            f"residual {residual!r} needs channel counts divisible by {multiple}, got stage widths {list(widths)}"
+        )
+
+
+def uses_scheme(integrator: AbstractIntegrator) -> bool:
+    """Whether :func:`odeint_scheme` (part-wise evaluation, reversible backprop) can run ``integrator``."""
+    return isinstance(integrator, ReversibleScheme)
+
+
+def odeint_scheme(
+    scheme: ReversibleScheme, residual: AbstractResidual, y0: torch.Tensor, h: float,
+    params: Dict[str, torch.Tensor], scales: Optional[Sequence[float]] = None, backprop: str = "store",
+) -> torch.Tensor:
+    """y_N from y_0 ``(B, C, H, W)`` with ``scheme`` on ``residual``, N = ``params[*].shape[0]`` steps of size h.
+
+    ``params``: every per-step parameter of the block (the residual's and the scheme's),
+    ``(N, *shape)`` each. ``scales`` ``(N,)``: a factor on step j's F terms (stochastic
+    depth's gate or its mean), ``None`` for 1. ``backprop="store"`` keeps autograd's
+    graph of every step; ``"reversible"`` keeps only the final state and rebuilds the
+    rest in backward (see the module docstring).
+    """
+    names = list(params)
+    stacked = [params[k] for k in names]
+    n = stacked[0].shape[0]
+    scales = [1.0] * n if scales is None else [float(s) for s in scales]
+    needs_graph = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in stacked))
+    if backprop == "reversible" and needs_graph:
+        return _ReversibleSolve.apply(scheme, residual, h, scales, names, y0, *stacked)
+    state = scheme.start(y0)
+    for j in range(n):
+        theta = {k: p[j] for k, p in zip(names, stacked)}
+        state = scheme.step(residual_evaluator(residual, theta), j, h, state, scales[j])
+    return scheme.finish(state)
+
+
+class _ReversibleSolve(torch.autograd.Function):
+    """One stage with reversible backprop; saves the final state and the stacked parameters only."""
+
+    @staticmethod
+    def forward(ctx, scheme, residual, h, scales, names, y0, *stacked):  # type: ignore[override]
+        n = stacked[0].shape[0]
+        with torch.no_grad():
+            state = scheme.start(y0)
+            for j in range(n):
+                theta = {k: p[j] for k, p in zip(names, stacked)}
+                state = scheme.step(residual_evaluator(residual, theta), j, h, state, scales[j])
+            out = scheme.finish(state)
+        ctx.scheme, ctx.residual, ctx.h, ctx.scales, ctx.names = scheme, residual, h, scales, names
+        ctx.n_state = len(state)
+        ctx.save_for_backward(*state, *stacked)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        state, stacked = tuple(saved[: ctx.n_state]), saved[ctx.n_state :]
+        scheme: ReversibleScheme = ctx.scheme
+        with torch.enable_grad():
+            leaves = tuple(s.detach().requires_grad_(True) for s in state)
+            grads = torch.autograd.grad(scheme.finish(leaves), leaves, g_out, allow_unused=True)
+        g = [torch.zeros_like(s) if gi is None else gi for s, gi in zip(state, grads)]
+        n = stacked[0].shape[0]
+        per_step: List[List[torch.Tensor]] = [[] for _ in stacked]
+        for j in reversed(range(n)):
+            theta = [p[j].detach().requires_grad_(True) for p in stacked]
+            F_j = residual_evaluator(ctx.residual, dict(zip(ctx.names, theta)))
+            state, g, g_theta = scheme.reverse_step(F_j, j, ctx.h, state, g, theta, ctx.scales[j])
+            for i, gi in enumerate(g_theta):
+                per_step[i].append(torch.zeros_like(theta[i]) if gi is None else gi)
+        g_y0 = None
+        if ctx.needs_input_grad[5]:
+            with torch.enable_grad():
+                y0 = scheme.finish(state).detach().requires_grad_(True)
+                (g_y0,) = torch.autograd.grad(scheme.start(y0), y0, g, allow_unused=True)
+        g_params = [torch.stack(steps[::-1]) for steps in per_step]
+        return (None, None, None, None, None, g_y0, *g_params)
