@@ -51,6 +51,17 @@ def load_model_state(model: torch.nn.Module, ckpt: Dict[str, Any]) -> None:
         ) from None
 
 
+def load_network(ckpt: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes (spec and weights); damage is one :class:`MsnetError` line."""
+    try:
+        spec = ModelSpec.from_dict(ckpt["model_spec"])
+    except TypeError as err:
+        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
+    model = build_model(spec).to(device=device, dtype=dtype)
+    load_model_state(model, ckpt)
+    return model
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,

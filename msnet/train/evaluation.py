@@ -5,15 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msnet import MsnetError
-from msnet.core import ModelSpec, build_model, resolve_device
+from msnet.core import resolve_device
 from msnet.data import prepare_data
 from msnet.runs import RunConsole, RunDir, load_checkpoint
 from msnet.runs.display import records_table
-from msnet.train.api import load_model_state
+from msnet.train.api import load_network
 from msnet.train.loop import evaluate
 from msnet.train.schedule import data_for_size
 from msnet.train.setup import resolve_dtype
@@ -27,10 +26,6 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
     """
     console = console or RunConsole()
     ckpt = load_checkpoint(cfg.ckpt)
-    try:
-        spec = ModelSpec.from_dict(ckpt["model_spec"])
-    except TypeError as err:
-        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
     saved = OmegaConf.create(ckpt["config"])
     data_cfg = saved.dataset
     for key, value in (cfg.dataset or {}).items():
@@ -38,6 +33,8 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
             data_cfg[key] = value
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(saved.get("dtype", "float32"))
+    model = load_network(ckpt, device, dtype)
+    spec = model.spec
     data = prepare_data(data_cfg, device, dtype)
     if data.in_channels != spec.in_channels:
         raise MsnetError(
@@ -45,8 +42,6 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
             f"{data.in_channels}; evaluate on the dataset it was trained on"
         )
     data = data_for_size(data, tuple(spec.image_size), saved, f"checkpoint {ckpt['path']}")
-    model = build_model(spec).to(device=device, dtype=dtype)
-    load_model_state(model, ckpt)
     records = []
     for split in cfg.splits:
         x, y = data.split(str(split))

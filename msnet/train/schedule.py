@@ -140,8 +140,7 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level
         lrs = list(pyramid.lr) if pyramid.lr is not None else [None] * n
         if len(lrs) != n:
             raise MsnetError(f"pyramid.lr needs {n} entries (coarsest first) or null, got {lrs}")
-        if pyramid.operator not in TRANSFERS:
-            TRANSFERS.get(pyramid.operator)
+        TRANSFERS.get(pyramid.operator)  # unknown operator: one line listing the choices
         levels = [
             Level(level_name(finest + n - 1 - i), finest + n - 1 - i, int(epochs[i]), lrs[i]) for i in range(n)
         ]

@@ -19,20 +19,20 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from msnet import MsnetError
-from msnet.core import ModelSpec, build_model, resolve_device
+from msnet.core import resolve_device
 from msnet.data import prepare_data
 from msnet.multigrid import TIME_PROLONGATIONS, resample_images, transfer_depth, transfer_resolution
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import records_table
-from msnet.train.api import load_model_state
+from msnet.train.api import load_network
 from msnet.train.loop import evaluate
-from msnet.train.schedule import data_for_size, level_data, level_name, parse_level, transfer_settings
+from msnet.train.schedule import data_for_size, level_data, level_name, parse_level
 from msnet.train.setup import resolve_dtype
 
 
@@ -64,14 +64,15 @@ def find_latest_run(outputs: str | Path, level: str) -> Path:
     return max(candidates)[1]
 
 
-def _load_network(ckpt: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    try:
-        spec = ModelSpec.from_dict(ckpt["model_spec"])
-    except TypeError as err:
-        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
-    model = build_model(spec).to(device=device, dtype=dtype)
-    load_model_state(model, ckpt)
-    return model
+def split_metrics(model: torch.nn.Module, data: Any, splits: Any, batch_size: int,
+                  transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """``{split_acc, split_loss}`` of ``model`` on each split of ``data`` (images passed through ``transform``)."""
+    row: Dict[str, float] = {}
+    for split in splits:
+        x, y = data.split(str(split))
+        m = evaluate(model, transform(x) if transform else x, y, int(batch_size))
+        row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
+    return row
 
 
 def _naive_reuse(source: torch.nn.Module, transferred: torch.nn.Module) -> torch.nn.Module:
@@ -104,7 +105,7 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
     data = prepare_data(saved.dataset, device, dtype)
     native = data.image_size
     src_down, tgt_down = parse_level(cfg.source, native), parse_level(cfg.target, native)
-    source = _load_network(ckpt, device, dtype)
+    source = load_network(ckpt, device, dtype)
     src_size = (native[0] >> src_down, native[1] >> src_down)
     if tuple(source.spec.image_size) != src_size:
         at = source.spec.image_size
@@ -123,21 +124,15 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
     rows: List[Dict[str, Any]] = []
 
     def measure(method: str, model: torch.nn.Module, resample: bool = False) -> None:
-        row: Dict[str, Any] = {"method": method}
-        for split in cfg.splits:
-            x, y = target_data.split(str(split))
-            if resample:
-                x = resample_images(x, src_size)
-            m = evaluate(model, x, y, int(cfg.batch_size))
-            row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
-        rows.append(row)
+        transform = (lambda x: resample_images(x, src_size)) if resample else None
+        rows.append({"method": method, **split_metrics(model, target_data, cfg.splits, cfg.batch_size, transform)})
 
     measure("stencil transfer", transferred)
     measure("naive kernel reuse", naive)
     measure(f"resampled images -> {src_size[0]}x{src_size[1]}", source, resample=True)
     if cfg.native:
         nck = load_checkpoint(cfg.native)
-        native_net = _load_network(nck, device, dtype)
+        native_net = load_network(nck, device, dtype)
         if tuple(native_net.spec.image_size) != tgt_size:
             at = native_net.spec.image_size
             raise MsnetError(
@@ -206,7 +201,7 @@ def transfer_depth_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = N
     saved = OmegaConf.create(ckpt["config"])
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(saved.get("dtype", "float32"))
-    source = _load_network(ckpt, device, dtype)
+    source = load_network(ckpt, device, dtype)
     depth = source.depth()
     if any(d != int(cfg.source_depth) for d in depth):
         raise MsnetError(
@@ -224,14 +219,8 @@ def transfer_depth_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = N
         for other in TIME_PROLONGATIONS.names():
             if other != cfg.prolongation:
                 candidates.append((f"after ({other})", f"{m} layers", transfer_depth(source, m, other)))
-    rows = []
-    for method, layers, net in candidates:
-        row: Dict[str, Any] = {"method": method, "layers": layers}
-        for split in cfg.splits:
-            x, y = data.split(str(split))
-            r = evaluate(net, x, y, int(cfg.batch_size))
-            row[f"{split}_acc"], row[f"{split}_loss"] = r["acc"], r["loss"]
-        rows.append(row)
+    rows = [{"method": method, "layers": layers, **split_metrics(net, data, cfg.splits, cfg.batch_size)}
+            for method, layers, net in candidates]
     console.print(f"[bold]msnet transfer[/bold]  {ckpt['path']}  {cfg.source_depth} -> {m} layers per stage "
                   f"(T kept; {data.name} {data.image_size[0]}x{data.image_size[1]})")
     columns = ["method", "layers", *[f"{s}_{k}" for s in cfg.splits for k in ("acc", "loss")]]
