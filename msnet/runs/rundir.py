@@ -26,7 +26,8 @@ class RunDir:
     """One run's folder. Files:
 
     ``config.yaml`` (resolved config), ``command.txt`` (the command as typed),
-    ``metrics.jsonl`` (one JSON record per line), ``summary.json``,
+    ``metrics.jsonl`` (one JSON record per epoch), ``steps.jsonl`` (per-iteration
+    diagnostics of update rules that report them), ``summary.json``,
     ``console.txt`` (everything the run printed), ``checkpoints/``.
     """
 
@@ -60,6 +61,11 @@ class RunDir:
     def log_metrics(self, record: Dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl`` (flushed at once, so a crash keeps it)."""
         with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def log_step(self, record: Dict[str, Any]) -> None:
+        """Append one per-iteration record (an update rule's diagnostics) to ``steps.jsonl``."""
+        with open(self.path / "steps.jsonl", "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
     def write_summary(self, summary: Dict[str, Any]) -> None:

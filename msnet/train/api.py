@@ -16,9 +16,9 @@ from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
 from msnet.multigrid import transfer_depth, transfer_resolution
-from msnet.train.optim import build_optimizer, build_scheduler
 from msnet.train.regularizers import build_regularizer
 from msnet.train.schedule import Level, build_schedule, level_data
+from msnet.train.updates import UpdateRule, build_update
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
@@ -172,7 +172,7 @@ def train(
     last_good: Optional[int] = None
     epoch = history[-1]["epoch"] if history else 0
     level_summaries: List[Dict[str, Any]] = list(ckpt.get("levels", [])) if ckpt else []
-    optimizer = scheduler = None
+    update: Optional[UpdateRule] = None
     cache: Dict[int, Any] = {}
 
     def data_at(down: int):
@@ -189,8 +189,7 @@ def train(
                 "model": model.state_dict(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                **update.state_dict(),
                 "rng": _rng_state(generator),
                 "history": history,
                 "resolution": list(model.spec.image_size),
@@ -213,14 +212,10 @@ def train(
                 d = data_at(lv.down)
                 t_level = time.perf_counter()
                 opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
-                optimizer = build_optimizer(model.parameters(), opt_cfg)
-                scheduler = build_scheduler(optimizer, opt_cfg, max(1, lv.epochs))
-                if ckpt is not None and li == start_level and first_epoch < lv.epochs:
-                    if ckpt.get("optimizer") is not None:
-                        optimizer.load_state_dict(ckpt["optimizer"])
-                    if scheduler is not None and ckpt.get("scheduler") is not None:
-                        scheduler.load_state_dict(ckpt["scheduler"])
                 penalty = build_regularizer(model, cfg.regularizer)
+                update = build_update(model, cfg, opt_cfg, lv.epochs, penalty)
+                if ckpt is not None and li == start_level and first_epoch < lv.epochs:
+                    update.load_state_dict(ckpt)
                 if cfg.trainer.get("eval_at_start") and first_epoch == 0 and d.sizes()["val"]:
                     val0 = evaluate(model, d.x_val, d.y_val, cfg.trainer.eval_batch_size)
                     record0 = {"epoch": epoch, "level": lv.name, "level_epoch": 0, "resolution": list(d.image_size),
@@ -241,13 +236,13 @@ def train(
                         progress.update(task, completed=done, loss=f"{loss:.4f}", acc=f"{acc:.2%}", ips=f"{ips:.0f}")
                         progress.refresh()
 
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = update.lr
                     result = train_epoch(
-                        model, optimizer, d.x_train, d.y_train, cfg.trainer.batch_size, generator,
-                        cfg.trainer.grad_clip, cfg.trainer.log_every, on_progress, epoch, penalty,
+                        model, update, d.x_train, d.y_train, cfg.trainer.batch_size, generator,
+                        log_every=cfg.trainer.log_every, on_progress=on_progress, epoch=epoch,
+                        on_step=run.log_step,
                     )
-                    if scheduler is not None:
-                        scheduler.step()
+                    update.end_epoch()
                     val = evaluate(model, d.x_val, d.y_val, cfg.trainer.eval_batch_size) if d.sizes()["val"] else {}
                     progress.remove_task(task)
                     record = {
@@ -264,6 +259,7 @@ def train(
                         "epoch_time_s": result.seconds,
                         "samples_per_s": result.samples / result.seconds,
                         "wall_time_s": wall_before + time.perf_counter() - t0,
+                        **update.epoch_stats(),
                     }
                     history.append(record)
                     run.log_metrics(record)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from msnet import MsnetError
 from msnet.data import batches, num_batches
+from msnet.train.updates import FirstOrder, UpdateRule
 
 
 class NonFiniteLoss(MsnetError):
@@ -34,7 +35,7 @@ ProgressCallback = Callable[[int, float, float, float], None]
 
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    update: UpdateRule | torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
@@ -44,14 +45,22 @@ def train_epoch(
     on_progress: Optional[ProgressCallback] = None,
     epoch: int = 0,
     penalty: Optional[Callable[[], torch.Tensor]] = None,
+    on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> EpochResult:
-    """One pass over ``(x, y)`` in shuffled mini-batches with cross-entropy loss.
+    """One pass over ``(x, y)`` in shuffled mini-batches, each handed to ``update``.
 
-    Running sums stay on the device and are read back only every ``log_every``
-    batches (and at the end), so the loop adds no host synchronisation per batch.
-    Raises :class:`NonFiniteLoss` as soon as a read-back finds NaN or inf. ``penalty()``
-    (a regulariser) is added to the objective; the reported loss is the data loss alone.
+    ``update`` is an :class:`~msnet.train.updates.UpdateRule`, or a ``torch.optim``
+    optimiser, which is wrapped in :class:`~msnet.train.updates.FirstOrder` with
+    ``grad_clip`` and ``penalty`` (a regulariser added to the objective; the reported
+    loss is the data loss alone). Running sums stay on the device and are read back only
+    every ``log_every`` batches (and at the end), so the loop adds no host
+    synchronisation per batch. Raises :class:`NonFiniteLoss` as soon as a read-back finds
+    NaN or inf. ``on_step(info)`` receives each step's diagnostics, for rules that have them.
     """
+    if isinstance(update, torch.optim.Optimizer):
+        update = FirstOrder(model, update, grad_clip=grad_clip, penalty=penalty)
+    elif grad_clip is not None or penalty is not None:
+        raise TypeError("grad_clip and penalty belong to the update rule when one is passed")
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
@@ -59,17 +68,12 @@ def train_epoch(
     seen = 0
     total = num_batches(x.shape[0], batch_size)
     for i, (xb, yb) in enumerate(batches(x, y, batch_size, generator, shuffle=True), start=1):
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + penalty() if penalty is not None else loss).backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            loss_sum += loss.detach() * yb.shape[0]
-            correct += (logits.argmax(1) == yb).sum()
+        out = update.step(xb, yb)
+        loss_sum += out.loss * yb.shape[0]
+        correct += (out.logits.argmax(1) == yb).sum()
         seen += yb.shape[0]
+        if out.info is not None and on_step is not None:
+            on_step({"epoch": epoch, "batch": i, **out.info})
         if i % log_every == 0 or i == total:
             mean_loss = loss_sum.item() / seen
             if not torch.isfinite(torch.tensor(mean_loss)):

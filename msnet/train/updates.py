@@ -1,0 +1,136 @@
+"""Update rules: how one mini-batch changes the weights.
+
+The epoch loop (:func:`msnet.train.loop.train_epoch`) knows nothing about optimisers:
+it hands each mini-batch to an :class:`UpdateRule` and reads back the batch loss and
+logits. A first-order optimiser from :data:`msnet.train.optim.OPTIMIZERS` becomes a
+:class:`FirstOrder` rule; methods that need the model, not just its gradient
+(block-coordinate descent, multilevel minimisation), register a builder in
+:data:`UPDATE_RULES` under the name a user selects, ``optimizer.name`` or
+``trainer.name``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from msnet.registry import Registry
+from msnet.train.optim import build_optimizer, build_scheduler
+
+Penalty = Callable[[], torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """What one update reports about its mini-batch.
+
+    ``loss``: detached scalar, the data loss (no regulariser) at the weights *before* the
+    update; ``logits``: detached ``(B, classes)`` from that same forward pass;
+    ``info``: per-iteration diagnostics (CG iterations, step length, work ...) that the
+    trainer appends to ``steps.jsonl``, or None for rules that have none.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    info: Optional[Dict[str, float]] = None
+
+
+class UpdateRule(abc.ABC):
+    """One training step on a mini-batch ``(xb, yb)`` of images ``(B, C, H, W)`` and labels ``(B,)``."""
+
+    @abc.abstractmethod
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> StepOutput:
+        """Change the weights using this batch and report the batch's loss before the change."""
+
+    def end_epoch(self) -> None:
+        """Called after every epoch (learning-rate schedules)."""
+
+    @property
+    def lr(self) -> Optional[float]:
+        """The current step size, for the epoch record (None where a rule has none)."""
+        return None
+
+    def epoch_stats(self) -> Dict[str, Any]:
+        """Extra keys for the epoch record in ``metrics.jsonl`` (e.g. cumulative work); empty by default."""
+        return {}
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict[str, Any]:
+        """The rule's state, stored in checkpoints under the keys returned (``optimizer``, ``scheduler``)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        """Restore from a checkpoint holding what :meth:`state_dict` returned."""
+
+
+class FirstOrder(UpdateRule):
+    """A ``torch.optim`` optimiser: forward, cross-entropy (+ penalty), backward, optional clipping, step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        grad_clip: Optional[float] = None,
+        penalty: Optional[Penalty] = None,
+    ):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_clip, self.penalty = grad_clip, penalty
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> StepOutput:
+        logits = self.model(xb)
+        loss = F.cross_entropy(logits, yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + self.penalty() if self.penalty is not None else loss).backward()
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        return StepOutput(loss.detach(), logits.detach())
+
+    def end_epoch(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def load_state_dict(self, ckpt: Dict[str, Any]) -> None:
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+
+
+UpdateBuilder = Callable[[nn.Module, Any, Any, int, Optional[Penalty]], UpdateRule]
+"""``builder(model, cfg, optimizer_cfg, epochs, penalty)``: ``cfg`` is the whole train config,
+``optimizer_cfg`` the level's optimiser config (its lr may differ from ``cfg.optimizer.lr``)."""
+
+UPDATE_RULES: Registry[UpdateBuilder] = Registry("update rule")
+
+
+def first_order(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> FirstOrder:
+    """The :class:`FirstOrder` rule for ``opt_cfg.name`` with its per-epoch schedule over ``epochs``."""
+    optimizer = build_optimizer(model.parameters(), opt_cfg)
+    return FirstOrder(model, optimizer, build_scheduler(optimizer, opt_cfg, max(1, epochs)), cfg.trainer.grad_clip,
+                      penalty)
+
+
+def build_update(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> UpdateRule:
+    """The update rule the config selects: ``trainer.name`` if it names a rule (e.g. ``mgopt``),
+    else ``optimizer.name`` if it names one (e.g. ``bcd``), else a first-order ``torch.optim`` step."""
+    for name in (cfg.trainer.name, opt_cfg.name):
+        if name in UPDATE_RULES:
+            return UPDATE_RULES.get(name)(model, cfg, opt_cfg, epochs, penalty)
+    return first_order(model, cfg, opt_cfg, epochs, penalty)
