@@ -16,11 +16,16 @@ COMMANDS = {
     "train": ("msnet.commands.train", "train an ODE-ResNet (Hydra overrides; -m for sweeps)"),
     "evaluate": ("msnet.commands.evaluate", "evaluate a checkpoint: msnet evaluate ckpt=PATH"),
     "transfer": ("msnet.commands.transfer", "move a network between resolutions: msnet transfer --from coarse --to fine ckpt=PATH"),
-    "report": ("msnet.commands.report", "tabulate every run under a folder: msnet report DIR"),
+    "report": ("msnet.commands.report", "tabulate every run under a folder: msnet report DIR [--group-by KEYS]"),
 }
 POSITIONAL = {"report": "dir", "evaluate": "ckpt", "transfer": "ckpt"}
-OPTIONS = {"transfer": {"--from": "source", "--to": "target", "--from-depth": "source_depth", "--to-depth": "target_depth"}}
+OPTIONS = {
+    "transfer": {"--from": "source", "--to": "target", "--from-depth": "source_depth", "--to-depth": "target_depth"},
+    "report": {"--group-by": "group_by"},
+}
 """Flags that become overrides: ``--from coarse`` / ``--from=coarse`` -> ``source=coarse`` (``from`` is a keyword)."""
+LISTS = {"report": {"group_by"}}
+"""List options that also take a bare comma list: ``--group-by a,b`` / ``group_by=a,b`` -> ``group_by=[a,b]``."""
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
 
@@ -37,6 +42,8 @@ def usage() -> str:
         "  msnet train --cfg job                         # show the composed config",
         "  msnet evaluate ckpt=outputs/train/DATE/TIME/checkpoints/last.pt",
         "  msnet report multirun/train/DATE/TIME",
+        "  msnet train -m hydra/launcher=joblib seed=0,1,2 model.layers=2,4 threads=1   # jobs in parallel",
+        "  msnet report multirun/train/DATE/TIME --group-by model.layers   # mean ± std over seeds",
         "  msnet train level=coarse                      # train on 14x14 Fashion-MNIST",
         "  msnet train +pyramid=2level                   # coarse-to-fine: 14x14, then 28x28",
         "  msnet transfer --from coarse --to fine ckpt=PATH [native=PATH]",
@@ -70,10 +77,14 @@ def rewrite(command: str, args: List[str]) -> List[str]:
                 i += 1
                 value = args[i]
             else:
-                raise SystemExit(f"error: {flag} needs a value, e.g. {flag} coarse")
+                example = "model.layers,optimizer" if flag == "--group-by" else "coarse"
+                raise SystemExit(f"error: {flag} needs a value, e.g. {flag} {example}")
             converted.append(f"{options[flag]}={value}")
         else:
             converted.append(args[i])
+        key, eq, value = converted[-1].partition("=")
+        if eq and key in LISTS.get(command, ()) and not value.startswith("["):
+            converted[-1] = f"{key}=[{value}]"
         i += 1
     args = converted
     key = POSITIONAL.get(command)

@@ -173,6 +173,7 @@ class TransferConfig:
 class ReportConfig:
     dir: Optional[str] = None
     sort: Optional[str] = None
+    group_by: Optional[List[str]] = None  # --group-by model.layers,optimizer: mean ± std over the other keys (seeds)
 
 
 def register_configs() -> None:

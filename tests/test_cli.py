@@ -46,10 +46,14 @@ def test_sweep_then_report(tmp_path):
     seen = set()
     for job in jobs:
         cfg = (job / "config.yaml").read_text()
-        seen.add((cfg.split("layers: ")[1].split()[0], cfg.split("\nseed: ")[1].split()[0]))
+        typed = (job / ".hydra" / "config.yaml").read_text()
+        layers, seed = cfg.split("layers: ")[1].split()[0], int(cfg.split("\nseed: ")[1].split()[0])
+        typed_seed = int(typed.split("\nseed: ")[1].split()[0])
+        seen.add((layers, typed_seed))
+        assert seed == typed_seed + int(job.name)  # each job seeds seed + job number
         assert json.loads((job / "summary.json").read_text())["status"] == "completed"
         assert (job / "checkpoints" / "last.pt").exists() and (job / "metrics.jsonl").exists()
-    assert seen == {("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")}
+    assert seen == {("1", 0), ("1", 1), ("2", 0), ("2", 1)}
     out = msnet("report", "sweep", cwd=tmp_path).stdout
     assert "4 runs under sweep" in out
     with open(tmp_path / "sweep" / "report.csv") as f:
@@ -107,17 +111,20 @@ def test_configs_ship_in_the_wheel(tmp_path):
     )
     wheel = next((tmp_path / "dist").glob("msnet-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"msnet/conf/train.yaml", "msnet/conf/dataset/fashion_mnist.yaml", "msnet/conf/hydra/default.yaml"} <= set(names)
+    assert {"msnet/conf/train.yaml", "msnet/conf/dataset/fashion_mnist.yaml", "msnet/conf/hydra/default.yaml",
+            "msnet/conf/hydra/launcher/joblib.yaml", "msnet/conf/hydra/launcher/submitit_slurm.yaml"} <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     code = (
         "import msnet, sys; assert msnet.__file__.startswith(sys.argv[1]), msnet.__file__;"
-        "from msnet.cli import main; sys.argv=['msnet','train','--cfg','job']; main()"
+        "from msnet.cli import main; sys.argv=['msnet','train','--cfg','job']; main();"
+        "sys.argv=['msnet','train','--cfg','hydra','hydra/launcher=joblib']; main()"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "integrator: euler" in out.stdout
+    assert "JoblibLauncher\n    n_jobs: 2" in out.stdout  # msnet's launcher preset, from the wheel
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""``msnet report DIR``: wires the config to :func:`msnet.runs.report.report` and prints the table."""
+"""``msnet report DIR [--group-by KEYS]``: wires the config to :mod:`msnet.runs.report` and prints the table."""
 
 import hydra
 from omegaconf import DictConfig
@@ -12,11 +12,20 @@ def main(cfg: DictConfig) -> None:
         from msnet import MsnetError
         from msnet.runs import RunConsole
         from msnet.runs.display import records_table
-        from msnet.runs.report import report
+        from msnet.runs.report import group_report, report
 
         if not cfg.dir:
             raise MsnetError("which runs? give a folder: msnet report outputs/train (or a multirun sweep folder)")
-        columns, rows = report(cfg.dir, cfg.sort)
         console = RunConsole()
+        if cfg.group_by:
+            out = group_report(cfg.dir, list(cfg.group_by))
+            runs = sum(len(g["runs"]) for g in out["groups"])
+            title = f"{runs} runs under {cfg.dir}, {len(out['groups'])} groups: mean ± std over each group's runs"
+            console.print(records_table(title, out["rows"], out["columns"]))
+            if out["plot_error"]:
+                console.print(out["plot_error"])
+            console.print(f"written: {', '.join(str(p) for p in out['written'])}")
+            return
+        columns, rows = report(cfg.dir, cfg.sort)
         console.print(records_table(f"{len(rows)} runs under {cfg.dir}", rows, columns))
         console.print(f"written: {cfg.dir}/report.csv, {cfg.dir}/report.md")

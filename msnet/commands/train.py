@@ -4,7 +4,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from msnet.commands import CONFIG_PATH, errors_as_lines
+from msnet.commands import CONFIG_PATH, errors_as_lines, seed_job
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
@@ -14,4 +14,4 @@ def main(cfg: DictConfig) -> None:
     with errors_as_lines(run_dir):
         from msnet.train import train
 
-        train(cfg, run_dir, overrides=list(hc.overrides.task))
+        train(seed_job(cfg), run_dir, overrides=list(hc.overrides.task))
