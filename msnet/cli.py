@@ -9,7 +9,10 @@ the train app with ``a=1 -m``; positional conveniences become overrides
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import sys
+import tempfile
 from typing import List, Optional
 
 COMMANDS = {
@@ -118,7 +121,26 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[command][0])
     sys.argv = [f"msnet {command}", *rewrite(command, rest)]
-    module.main()
+    scratch = rank_scratch(command)
+    if scratch:
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    try:
+        module.main()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def rank_scratch(command: str) -> Optional[str]:
+    """Under torchrun, a temporary output directory for ranks > 0 of ``msnet train`` (None otherwise).
+
+    Hydra makes a run directory per process; rank 0's is the run's (msnet/train/distributed.py),
+    the others' go here and are removed when the rank exits, so no stray run folders are left.
+    """
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if command != "train" or world < 2 or rank == 0:
+        return None
+    return tempfile.mkdtemp(prefix=f"msnet-rank{rank}-hydra-")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,16 @@ class OptimizerConfig:
     scheduler: str = "constant"  # constant | cosine | step
     step_size: int = 10  # epochs between decays (step)
     gamma: float = 0.1  # decay factor (step)
+    # optimizer=bcd only (msnet/train/bcd.py, conf/optimizer/bcd.yaml); the others ignore these
+    classifier_steps: int = 5  # inexact Newton-CG steps on the classifier per iteration
+    classifier_cg_iters: int = 10  # most CG iterations per classifier Newton step
+    cg_iters: int = 10  # CG iterations of the propagation Gauss-Newton step
+    hessian_subsample: float = 0.125  # fraction (<= 1) or number (> 1) of the batch's images for the GN matrix
+    armijo_c1: float = 1.0e-4  # sufficient-decrease constant of the line searches
+    backtrack: float = 0.5  # step length factor per backtrack
+    max_backtracks: int = 8
+    damping: float = 1.0e-2  # Levenberg-Marquardt term added to the GN matrix (initial value)
+    damping_adapt: bool = True  # adapt the damping to actual/predicted decrease
 
 
 @dataclass
@@ -80,6 +90,25 @@ class TrainerConfig:
     grad_clip: Optional[float] = None
     checkpoint_every: int = 1  # epochs
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
+    # data-parallel and GPU speed (msnet/train/distributed.py, msnet/train/speed.py); first-order optimizers only
+    devices: int = 1  # K > 1: `msnet train` starts K processes with torchrun (DDP, one GPU or CPU share each)
+    precision: str = "fp32"  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
+    compile: bool = False  # torch.compile the network the update rule calls
+    channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
+    # trainer=mgopt only (msnet/train/mgopt.py, conf/trainer/mgopt.yaml); the single trainer ignores these
+    levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T
+    cycle: str = "V"  # V | W
+    nu1: int = 1  # pre-smoothing steps per level
+    nu2: int = 1  # post-smoothing steps per level
+    coarse_steps: int = 2  # smoother steps on the coarsest level
+    coarse_lr_factor: float = 1.0  # coarse levels' learning rate = factor * optimizer.lr
+    restriction: str = "injection"  # variables fine -> coarse (TIME_RESTRICTIONS)
+    prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS)
+    gradient_restriction: str = "transpose"  # transpose (P^T) | scaled (N_f/N_c R)
+    line_search: str = "none"  # none | armijo (backtracking on the corrected level's objective)
+    armijo_c1: float = 1.0e-4
+    max_backtracks: int = 4
+    cycle_loss: bool = True  # steps.jsonl: fine batch loss after each cycle (one forward, not counted as work)
 
 
 @dataclass

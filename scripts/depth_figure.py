@@ -23,6 +23,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from msnet.runs import read_metrics  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 
 def curves(records, batches_per_epoch):
@@ -39,7 +40,8 @@ def curves(records, batches_per_epoch):
 def main() -> None:
     out = Path(sys.argv[1])
     summary = json.loads((out / "multiscale" / "summary.json").read_text())
-    bpe = -(-summary["data_sizes"]["train"] // 128)
+    config = OmegaConf.load(out / "multiscale" / "config.yaml")  # the batch size: 128, or e.g. 800 for optimizer=bcd
+    bpe = -(-summary["data_sizes"]["train"] // int(config.trainer.batch_size))
     multi = curves(read_metrics(out / "multiscale"), bpe)
     rand = {}
     for job in sorted((out / "random").iterdir()):

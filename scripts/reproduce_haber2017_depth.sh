@@ -9,13 +9,17 @@
 #   scripts/reproduce_haber2017_depth.sh --quick   # depths 2..8, a few minutes
 #   scripts/reproduce_haber2017_depth.sh --full    # the paper's 2..64, full training set (hours)
 #   scripts/reproduce_haber2017_depth.sh dataset=mnist   # extra overrides go to every run
+#   OPTIMIZER=bcd scripts/reproduce_haber2017_depth.sh   # the paper's optimizer (any mode): every run gets
+#       optimizer=bcd and trainer.batch_size=$BCD_BATCH (default: a quarter of the training images, so
+#       4 BCD iterations per epoch, 24 per depth by default, like the paper's 20); output in .../haber2017_depth_bcd/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MSNET=${MSNET:-.venv/bin/msnet}
 PY=${PY:-.venv/bin/python}
 MODE=default
 if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
-OUT=${OUT:-outputs/reproduce/haber2017_depth/$(date +%Y-%m-%d_%H-%M-%S)}
+OPTIMIZER=${OPTIMIZER:-}
+OUT=${OUT:-outputs/reproduce/haber2017_depth${OPTIMIZER:+_$OPTIMIZER}/$(date +%Y-%m-%d_%H-%M-%S)}
 
 # One "iteration" is one mini-batch of 128; epochs are kept short (train_subset) so that each
 # depth gets several validation points, as the paper's 20 BCD iterations per depth do.
@@ -24,13 +28,19 @@ case $MODE in
   default) STOP=32; EPOCHS=6; DATA="dataset.train_subset=3200 dataset.val_size=2000" ;;
   full)    STOP=64; EPOCHS=20; DATA="dataset.val_size=10000" ;;
 esac
-COMMON="model.channels=8 optimizer.scheduler=constant trainer.eval_at_start=true trainer.progress=false $DATA"
+case $OPTIMIZER in
+  "")  OPT_ARGS="" ;;
+  bcd) case $MODE in quick) B=640 ;; default) B=800 ;; full) B=1024 ;; esac
+       OPT_ARGS="optimizer=bcd trainer.batch_size=${BCD_BATCH:-$B}" ;;
+  *)   OPT_ARGS="optimizer=$OPTIMIZER" ;;
+esac
+COMMON="model.channels=8 $OPT_ARGS optimizer.scheduler=constant trainer.eval_at_start=true trainer.progress=false $DATA"
 DEPTHS=$("$PY" -c "d=[2]
 while d[-1] < $STOP: d.append(2 * d[-1])
 print(','.join(map(str, d)))")
 EXTRA=("$@")
 mkdir -p "$OUT"
-echo "reproduce_haber2017_depth: mode $MODE, depths $DEPTHS, $EPOCHS epochs each, output $OUT"
+echo "reproduce_haber2017_depth: mode $MODE, depths $DEPTHS, $EPOCHS epochs each, ${OPT_ARGS:-default optimizer}, output $OUT"
 
 echo "multiscale initialisation: +depth=doubling (log: $OUT/multiscale.log)"
 # shellcheck disable=SC2086

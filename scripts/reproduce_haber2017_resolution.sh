@@ -13,6 +13,8 @@
 #   GRID="model.layers=2 model.activation=tanh,relu" scripts/reproduce_haber2017_resolution.sh   # your own sweep
 #   scripts/reproduce_haber2017_resolution.sh --full     # all 55000 images, 16 channels, 10 epochs (hours)
 #   scripts/reproduce_haber2017_resolution.sh dataset=mnist   # extra overrides go to every run
+#   OPTIMIZER=bcd scripts/reproduce_haber2017_resolution.sh   # the paper's optimizer (any mode): every run gets
+#       optimizer=bcd and trainer.batch_size=$BCD_BATCH (default 1024); output in .../haber2017_resolution_bcd/
 # Output: $OUT (default outputs/reproduce/haber2017_resolution/DATE) with every run, and
 # table.md / table.json there.
 set -euo pipefail
@@ -21,7 +23,13 @@ MSNET=${MSNET:-.venv/bin/msnet}
 PY=${PY:-.venv/bin/python}
 MODE=default
 if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
-OUT=${OUT:-outputs/reproduce/haber2017_resolution/$(date +%Y-%m-%d_%H-%M-%S)}
+OPTIMIZER=${OPTIMIZER:-}
+OUT=${OUT:-outputs/reproduce/haber2017_resolution${OPTIMIZER:+_$OPTIMIZER}/$(date +%Y-%m-%d_%H-%M-%S)}
+case $OPTIMIZER in
+  "")  OPT_ARGS="" ;;
+  bcd) OPT_ARGS="optimizer=bcd trainer.batch_size=${BCD_BATCH:-1024}" ;;
+  *)   OPT_ARGS="optimizer=$OPTIMIZER" ;;
+esac
 
 case $MODE in
   quick)   COMMON="dataset.train_subset=5000 model.channels=8 trainer.epochs=2"; GRID_DEFAULT="model.layers=2 model.T=1,4" ;;
@@ -31,13 +39,13 @@ esac
 # The swept settings; e.g. GRID="model.layers=2 model.activation=tanh,relu regularizer.classifier_smoothness=0,1e-6"
 GRID=${GRID:-$GRID_DEFAULT}
 EXTRA=("$@")
-echo "reproduce_haber2017_resolution: mode $MODE, output $OUT"
+echo "reproduce_haber2017_resolution: mode $MODE, ${OPT_ARGS:-default optimizer}, output $OUT"
 
 mkdir -p "$OUT"
 for level in coarse fine; do
   echo "training the $level networks: $GRID (log: $OUT/$level.log)"
   # shellcheck disable=SC2086
-  "$MSNET" train -m level=$level $COMMON $GRID "${EXTRA[@]}" trainer.progress=false \
+  "$MSNET" train -m level=$level $COMMON $OPT_ARGS $GRID "${EXTRA[@]}" trainer.progress=false \
     hydra.sweep.dir="$OUT/$level" > "$OUT/$level.log" 2>&1 || { tail -5 "$OUT/$level.log"; exit 1; }
 done
 echo "transferring (log: $OUT/transfer.log)"

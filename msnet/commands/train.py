@@ -2,6 +2,7 @@
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from msnet.commands import CONFIG_PATH, errors_as_lines, seed_job
@@ -13,5 +14,13 @@ def main(cfg: DictConfig) -> None:
     run_dir = hc.runtime.output_dir
     with errors_as_lines(run_dir):
         from msnet.train import train
+        from msnet.train.distributed import launch, should_launch
 
-        train(seed_job(cfg), run_dir, overrides=list(hc.overrides.task))
+        cfg, overrides = seed_job(cfg), list(hc.overrides.task)
+        if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir
+            sweep = hc.mode == RunMode.MULTIRUN
+            code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
+            if code and not sweep:  # the ranks printed the error; in a sweep their error.txt marks the job failed
+                raise SystemExit(code)
+            return
+        train(cfg, run_dir, overrides=overrides)

@@ -19,9 +19,11 @@ from msnet.multigrid import transfer_depth, transfer_resolution
 from msnet.train.regularizers import build_regularizer
 from msnet.train.schedule import Level, build_schedule, level_data
 from msnet.train.updates import UpdateRule, build_update
+from msnet.train import distributed, speed
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
 
-EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"]
+EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "work_fge",
+                 "epoch_time_s"]
 LEVEL_COLUMNS = ["level", "resolution", "layers", "epochs", "val_loss", "val_acc", "test_loss", "test_acc", "time_s"]
 
 
@@ -77,7 +79,26 @@ def train(
     with ``cfg.resume`` they say which keys replace the checkpoint's saved config.
     Returns the summary (also in ``run_dir/summary.json``). Raises :class:`MsnetError`
     for anything a person can fix.
+
+    Under torchrun every rank calls it (:mod:`msnet.train.distributed`): rank 0 writes
+    ``run_dir`` and prints, ranks > 0 stay silent and write only into a temporary directory.
     """
+    env = distributed.detect()
+    with distributed.rank_run_dir(run_dir, env) as local_dir:
+        try:
+            return _train(cfg, local_dir, overrides, console if env.is_main else RunConsole(quiet=True), argv, env)
+        finally:
+            distributed.cleanup()
+
+
+def _train(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    overrides: Optional[List[str]],
+    console: Optional[RunConsole],
+    argv: Optional[List[str]],
+    env: distributed.DistEnv,
+) -> Dict[str, Any]:
     console = console or RunConsole()
     run = RunDir(run_dir)
     ckpt = None
@@ -85,9 +106,11 @@ def train(
         ckpt = load_checkpoint(cfg.resume)
         cfg = resumed_config(ckpt["config"], cfg, overrides)
     check_config(cfg)
+    distributed.check(cfg, env)
+    speed.check(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
+    device = distributed.setup(env, resolve_device(cfg.device), cfg.threads)
     dtype = resolve_dtype(cfg.dtype)
     run.write_config(cfg)
     run.write_command(argv)
@@ -149,6 +172,7 @@ def train(
                 f"checkpoint {ckpt['path']} already finished {ckpt['epoch']} epochs; "
                 f"add trainer.epochs=N with N > {ckpt['epoch']} to train further"
             )
+    distributed.seed_rank(int(cfg.seed), env)
     run.reset_metrics(history)
     setup_s = time.perf_counter() - t_setup
 
@@ -157,7 +181,7 @@ def train(
         f"(train {data.sizes()['train']}, val {data.sizes()['val']}, test {data.sizes()['test']})  "
         f"model {cfg.model.name}: {native_spec.integrator}, stages "
         f"{[(s.channels, s.layers) for s in native_spec.stages]}, {count_parameters(model)} parameters  "
-        f"device {device}  run {run.path}"
+        f"device {device}" + (f" x {env.world_size} processes" if env.enabled else "") + f"  run {run.path}"
         + (f"  [yellow]resumed from {ckpt['path']} at epoch {ckpt['epoch']}[/yellow]" if ckpt else "")
     )
     if len(schedule) > 1:
@@ -181,6 +205,8 @@ def train(
         return cache[down]
 
     def checkpoint(li: int, level_epoch: int) -> None:
+        if not env.is_main:
+            return  # ranks > 0 hold the same weights; rank 0's file is the run's
         lv = schedule[li]
         save_checkpoint(
             ckpt_path,
@@ -214,6 +240,7 @@ def train(
                 opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
                 penalty = build_regularizer(model, cfg.regularizer)
                 update = build_update(model, cfg, opt_cfg, lv.epochs, penalty)
+                update = speed.prepare_update(update, model, cfg, env, device)  # DDP, bf16, compile: rebuilt per level
                 if ckpt is not None and li == start_level and first_epoch < lv.epochs:
                     update.load_state_dict(ckpt)
                 if cfg.trainer.get("eval_at_start") and first_epoch == 0 and d.sizes()["val"]:
@@ -240,7 +267,7 @@ def train(
                     result = train_epoch(
                         model, update, d.x_train, d.y_train, cfg.trainer.batch_size, generator,
                         log_every=cfg.trainer.log_every, on_progress=on_progress, epoch=epoch,
-                        on_step=run.log_step,
+                        on_step=run.log_step, shard=distributed.shard(env),
                     )
                     update.end_epoch()
                     val = evaluate(model, d.x_val, d.y_val, cfg.trainer.eval_batch_size) if d.sizes()["val"] else {}
@@ -297,6 +324,7 @@ def train(
         "setup_time_s": setup_s,
         "parameters": count_parameters(model),
         "device": str(device),
+        "processes": env.world_size,
         "dataset": data.name,
         "level": schedule[-1].name,
         "resolution": list(model.spec.image_size),

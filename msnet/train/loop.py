@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from msnet import MsnetError
 from msnet.data import batches, num_batches
 from msnet.train.updates import FirstOrder, UpdateRule
+
+if TYPE_CHECKING:
+    from msnet.train.distributed import Shard
 
 
 class NonFiniteLoss(MsnetError):
@@ -46,6 +49,7 @@ def train_epoch(
     epoch: int = 0,
     penalty: Optional[Callable[[], torch.Tensor]] = None,
     on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+    shard: Optional["Shard"] = None,
 ) -> EpochResult:
     """One pass over ``(x, y)`` in shuffled mini-batches, each handed to ``update``.
 
@@ -56,6 +60,11 @@ def train_epoch(
     every ``log_every`` batches (and at the end), so the loop adds no host
     synchronisation per batch. Raises :class:`NonFiniteLoss` as soon as a read-back finds
     NaN or inf. ``on_step(info)`` receives each step's diagnostics, for rules that have them.
+
+    ``shard`` (data-parallel runs, :class:`msnet.train.distributed.Shard`): every rank draws the
+    same global batches, steps on its own slice with the loss weight that makes DDP's averaged
+    gradient the global batch's, and the running sums are all-reduced at each read-back, so
+    the numbers reported (and the non-finite check) are the global ones on every rank.
     """
     if isinstance(update, torch.optim.Optimizer):
         update = FirstOrder(model, update, grad_clip=grad_clip, penalty=penalty)
@@ -68,6 +77,8 @@ def train_epoch(
     seen = 0
     total = num_batches(x.shape[0], batch_size)
     for i, (xb, yb) in enumerate(batches(x, y, batch_size, generator, shuffle=True), start=1):
+        if shard is not None:
+            xb, yb, update.loss_weight = shard.split(xb, yb)
         out = update.step(xb, yb)
         loss_sum += out.loss * yb.shape[0]
         correct += (out.logits.argmax(1) == yb).sum()
@@ -75,12 +86,15 @@ def train_epoch(
         if out.info is not None and on_step is not None:
             on_step({"epoch": epoch, "batch": i, **out.info})
         if i % log_every == 0 or i == total:
-            mean_loss = loss_sum.item() / seen
+            totals = [loss_sum.item(), correct.item(), seen]
+            if shard is not None:
+                totals = shard.sum(torch.tensor(totals, dtype=torch.float64, device=loss_sum.device)).tolist()
+            mean_loss = totals[0] / totals[2]
             if not torch.isfinite(torch.tensor(mean_loss)):
                 raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch}, batch {i}")
             if on_progress is not None:
-                on_progress(i, mean_loss, correct.item() / seen, seen / (time.perf_counter() - start))
-    return EpochResult(loss_sum.item() / seen, correct.item() / seen, time.perf_counter() - start, seen)
+                on_progress(i, mean_loss, totals[1] / totals[2], totals[2] / (time.perf_counter() - start))
+    return EpochResult(totals[0] / totals[2], totals[1] / totals[2], time.perf_counter() - start, int(totals[2]))
 
 
 @torch.no_grad()

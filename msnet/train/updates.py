@@ -69,7 +69,16 @@ class UpdateRule(abc.ABC):
 
 
 class FirstOrder(UpdateRule):
-    """A ``torch.optim`` optimiser: forward, cross-entropy (+ penalty), backward, optional clipping, step."""
+    """A ``torch.optim`` optimiser: forward, cross-entropy (+ penalty), backward, optional clipping, step.
+
+    ``model`` is what the step calls: the network itself, or a wrapper holding its parameters
+    (DDP, autocast, ``torch.compile``; :func:`msnet.train.speed.prepare_update`).
+    """
+
+    loss_weight: float = 1.0
+    """Factor on the data term of the objective (not on the penalty, not on the reported loss).
+    Data-parallel training sets it per batch to ``K n_r / n`` so that DDP's mean of the K ranks'
+    gradients is the gradient of the global batch's mean loss (:class:`msnet.train.distributed.Shard`)."""
 
     def __init__(
         self,
@@ -84,9 +93,12 @@ class FirstOrder(UpdateRule):
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> StepOutput:
         logits = self.model(xb)
-        loss = F.cross_entropy(logits, yb)
+        # An empty shard (a last batch smaller than the number of ranks) still takes part in DDP's
+        # gradient average, with a zero loss whose gradient reaches every parameter.
+        loss = F.cross_entropy(logits, yb) if yb.numel() else logits.sum() * 0.0
+        data = loss * self.loss_weight if self.loss_weight != 1.0 else loss
         self.optimizer.zero_grad(set_to_none=True)
-        (loss + self.penalty() if self.penalty is not None else loss).backward()
+        (data + self.penalty() if self.penalty is not None else data).backward()
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
