@@ -29,6 +29,48 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread is faster than two fighting for a shared core.
+
+    Modules of small numerical tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fail_epoch(monkeypatch):
+    """``fail_epoch(n, error)``: the n-th call of the trainer's ``train_epoch`` raises ``error``
+    (default ``KeyboardInterrupt``: Ctrl-C in that epoch); ``restore()`` on the returned handle
+    puts the real loop back for a resume in the same test."""
+    from msnet.train import api
+
+    real = api.train_epoch
+
+    class Handle:
+        def restore(self) -> None:
+            monkeypatch.setattr(api, "train_epoch", real)
+
+    def arm(n: int, error: BaseException | type = KeyboardInterrupt) -> Handle:
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(api, "train_epoch", failing)
+        return Handle()
+
+    return arm
+
+
 @pytest.fixture(autouse=True)
 def _clear_hydra():
     GlobalHydra.instance().clear()

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-import msnet.train.api as api
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
@@ -28,13 +27,7 @@ from msnet.train.regularizers import build_regularizer
 from .conftest import needs_fashion
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster than two fighting for a shared core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(integrator="euler", residual="conv_act", backprop="store", classes=3, channels=2, layers=3):
@@ -285,23 +278,14 @@ def test_train_with_bcd_lowers_the_objective_every_iteration(tiny_cfg, tmp_path,
     assert [m["bcd_cg_iters"] for m in metrics] == [2 * 3, 2 * 3]  # per epoch: 2 batches x cg_iters
 
 
-def test_resume_equals_uninterrupted_bcd_run(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_bcd_run(tiny_cfg, tmp_path, fail_epoch):
     overrides = ["optimizer=bcd", "optimizer.cg_iters=3", "optimizer.classifier_steps=2", "optimizer.damping=0.5",
                  "trainer.epochs=3", "threads=1"]
     full = train(tiny_cfg(overrides), tmp_path / "full")
-    real_epoch = api.train_epoch
-    calls = {"n": 0}
-
-    def interrupt_in_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(api, "train_epoch", interrupt_in_third)
+    cut = fail_epoch(3)
     with pytest.raises(MsnetError, match="interrupted during epoch 3"):
         train(tiny_cfg(overrides), tmp_path / "cut")
-    monkeypatch.setattr(api, "train_epoch", real_epoch)
+    cut.restore()
     ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert ckpt["bcd"]["iterations"] == 2 * 7 and "damping" in ckpt["bcd"]  # 400 images, batches of 64
     resumed = train(tiny_cfg(overrides + [f"resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"]),

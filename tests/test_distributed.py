@@ -29,12 +29,7 @@ from msnet.train.distributed import DistEnv, Shard
 MSNET = Path(sys.executable).parent / "msnet"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ sharding arithmetic (no processes)

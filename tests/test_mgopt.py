@@ -12,7 +12,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import msnet.train.api as api
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
@@ -28,13 +27,7 @@ NO_REG = OmegaConf.create({"classifier_smoothness": 0.0, "stencil_smoothness": 0
 TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is faster than two fighting for a shared core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(layers=8, stages=1, integrator="euler", dtype=torch.float64, seed=0):
@@ -250,24 +243,15 @@ def test_coarse_depths():
         coarse_depths([10], 3)
 
 
-def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, fail_epoch):
     over = ["trainer=mgopt", "model.layers=4", "trainer.epochs=3", "threads=1", "trainer.coarse_steps=2"]
     cfg = tiny_cfg(over)
     train(cfg, tmp_path / "full")
 
-    real_epoch = api.train_epoch
-    calls = {"n": 0}
-
-    def interrupt_in_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(api, "train_epoch", interrupt_in_third)
+    cut = fail_epoch(3)
     with pytest.raises(MsnetError, match="interrupted during epoch 3"):
         train(cfg, tmp_path / "cut")
-    monkeypatch.setattr(api, "train_epoch", real_epoch)
+    cut.restore()
     ck = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
     assert len(ck["mgopt"]["levels"]) == 1 and ck["mgopt"]["levels"][0]["optimizer"]["state"]
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-import msnet.train.api as api
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.multigrid import get_transfer, restrict_images, transfer_resolution
@@ -115,22 +114,13 @@ def test_pyramid_training_runs_coarse_to_fine(tiny_cfg, tmp_path):
     assert "levels" in (tmp_path / "run" / "console.txt").read_text()
 
 
-def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, monkeypatch):
+def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, fail_epoch):
     cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]"])
     train(cfg, tmp_path / "full")
-    real = api.train_epoch
-    calls = {"n": 0}
-
-    def cut(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:  # first epoch of the fine level
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(api, "train_epoch", cut)
+    cut = fail_epoch(3)  # first epoch of the fine level
     with pytest.raises(MsnetError, match="interrupted"):
         train(cfg, tmp_path / "cut")
-    monkeypatch.setattr(api, "train_epoch", real)
+    cut.restore()
     ck = tmp_path / "cut" / "checkpoints" / "last.pt"
     assert load_checkpoint(ck)["level"] == "coarse"
     resumed = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]", f"resume={ck}"])

@@ -22,13 +22,7 @@ from msnet.train.setup import check_config
 REVERSIBLE = [n for n in INTEGRATORS.names() if INTEGRATORS.get(n).reversible]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is faster than two fighting for a shared core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Reconstruction tolerances for 64 steps of size h = 1/32 with random_block's weights, relative to
 # max |y|. Round-off (eps = 1.1e-16 / 6e-8) accumulates along the 64 inverse steps, most for leapfrog,

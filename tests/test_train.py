@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import msnet.train.api as api
 from msnet import MsnetError
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import train
@@ -46,25 +45,16 @@ def test_run_directory_and_checkpoint_describe_themselves(tiny_cfg, tmp_path):
     assert on_disk["final_test_acc"] == summary["final_test_acc"]
 
 
-def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, fail_epoch):
     cfg = tiny_cfg(["trainer.epochs=3"])
     full = train(cfg, tmp_path / "full")
 
-    real_epoch = api.train_epoch
-    calls = {"n": 0}
-
-    def interrupt_in_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(api, "train_epoch", interrupt_in_third)
+    cut = fail_epoch(3)
     with pytest.raises(MsnetError, match="interrupted during epoch 3; continue with: msnet train resume="):
         train(cfg, tmp_path / "cut")
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "interrupted"
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["epoch"] == 2
-    monkeypatch.setattr(api, "train_epoch", real_epoch)
+    cut.restore()
 
     resumed_cfg = tiny_cfg(["trainer.epochs=3", f"resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"])
     resumed = train(resumed_cfg, tmp_path / "resumed", overrides=["resume=..."])
@@ -110,17 +100,8 @@ def test_evaluate_refuses_data_of_another_size(tiny_cfg, compose_cfg, tmp_path):
         evaluate_checkpoint(ev)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-    real_epoch = api.train_epoch
-    calls = {"n": 0}
-
-    def nan_in_second(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise NonFiniteLoss("the training loss became nan in epoch 2, batch 5")
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(api, "train_epoch", nan_in_second)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path, fail_epoch):
+    fail_epoch(2, NonFiniteLoss("the training loss became nan in epoch 2, batch 5"))
     with pytest.raises(MsnetError, match=r"epoch 2.*last good checkpoint is .*last.pt \(epoch 1\)") as err:
         train(tiny_cfg(), tmp_path / "run")
     assert "\n" not in str(err.value)
