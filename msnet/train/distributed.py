@@ -101,14 +101,15 @@ def check(cfg: Any, env: DistEnv) -> None:
     """Fail with one line if the config cannot train data-parallel (before data is loaded)."""
     if not env.enabled:
         return
-    from msnet.train.updates import UPDATE_RULES
+    from msnet.train.updates import whole_step_rule
 
-    for key, name in (("trainer", cfg.trainer.name), ("optimizer", cfg.optimizer.name)):
-        if name in UPDATE_RULES:
-            raise MsnetError(
-                f"{key}={name} does not run data-parallel ({env.world_size} processes); train it in one process "
-                "(trainer.devices=1, no torchrun) or use a first-order optimizer (optimizer=adam|adamw|sgd)"
-            )
+    rule = whole_step_rule(cfg)
+    if rule is not None:
+        key, name = rule
+        raise MsnetError(
+            f"{key}={name} does not run data-parallel ({env.world_size} processes); train it in one process "
+            "(trainer.devices=1, no torchrun) or use a first-order optimizer (optimizer=adam|adamw|sgd)"
+        )
     if str(cfg.device).startswith("cuda:"):
         raise MsnetError(
             f"device={cfg.device} pins every rank to one GPU; use device=cuda or device=auto "

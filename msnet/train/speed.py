@@ -39,7 +39,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 def check(cfg: Any) -> None:
     """Fail with one line if the speed options do not fit the config (before data is loaded)."""
-    from msnet.train.updates import UPDATE_RULES
+    from msnet.train.updates import whole_step_rule
 
     tr = cfg.trainer
     precision = tr.get("precision", "fp32")
@@ -50,11 +50,12 @@ def check(cfg: Any) -> None:
     wanted = [k for k, on in (("trainer.compile=true", tr.get("compile")),
                               (f"trainer.precision={precision}", precision != "fp32"),
                               ("trainer.channels_last=true", tr.get("channels_last") is True)) if on]
-    for key, name in (("trainer", tr.name), ("optimizer", cfg.optimizer.name)):
-        if wanted and name in UPDATE_RULES:
-            raise MsnetError(
-                f"{' and '.join(wanted)} apply to first-order optimizers only, not {key}={name}; drop them"
-            )
+    rule = whole_step_rule(cfg)
+    if wanted and rule is not None:
+        key, name = rule
+        raise MsnetError(
+            f"{' and '.join(wanted)} apply to first-order optimizers only, not {key}={name}; drop them"
+        )
 
 
 def use_channels_last(option: Optional[bool], device: torch.device) -> bool:

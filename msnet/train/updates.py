@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,10 +139,18 @@ def first_order(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: 
                       penalty)
 
 
-def build_update(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> UpdateRule:
-    """The update rule the config selects: ``trainer.name`` if it names a rule (e.g. ``mgopt``),
-    else ``optimizer.name`` if it names one (e.g. ``bcd``), else a first-order ``torch.optim`` step."""
-    for name in (cfg.trainer.name, opt_cfg.name):
+def whole_step_rule(cfg: Any) -> Optional[Tuple[str, str]]:
+    """``(key, name)`` of the registered rule the config selects, ``("trainer", "mgopt")`` or
+    ``("optimizer", "bcd")`` (``trainer.name`` wins), or None for a first-order ``torch.optim`` step."""
+    for key, name in (("trainer", cfg.trainer.name), ("optimizer", cfg.optimizer.name)):
         if name in UPDATE_RULES:
-            return UPDATE_RULES.get(name)(model, cfg, opt_cfg, epochs, penalty)
+            return key, name
+    return None
+
+
+def build_update(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> UpdateRule:
+    """The update rule the config selects (:func:`whole_step_rule`), else a first-order ``torch.optim`` step."""
+    rule = whole_step_rule(cfg)
+    if rule is not None:
+        return UPDATE_RULES.get(rule[1])(model, cfg, opt_cfg, epochs, penalty)
     return first_order(model, cfg, opt_cfg, epochs, penalty)
