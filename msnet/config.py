@@ -212,3 +212,14 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="report_schema", node=ReportConfig)
     cs.store(name="transfer_schema", node=TransferConfig)
+
+
+def compose_config(overrides: List[str], name: str = "train") -> Any:
+    """msnet's real ``name`` config (``conf/NAME.yaml`` with its schema) with these overrides,
+    composed outside a Hydra app, as ``msnet NAME OVERRIDES`` would compose it (for scripts
+    and benchmarks that drive msnet's library directly)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="msnet.conf", version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))

@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import torch
-from hydra import compose, initialize_config_module
-
-from msnet.config import register_configs
+from msnet.config import compose_config
 from msnet.core import build_model, resolve_device
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
@@ -49,12 +47,6 @@ METHODS = {
     "sgd": ["optimizer=sgd", "trainer.batch_size=128"],
     "bcd": ["optimizer=bcd", "trainer.batch_size=1024"],
 }
-
-
-def compose_train(overrides: List[str]):
-    """msnet's real ``train`` config with these overrides."""
-    with initialize_config_module(config_module="msnet.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def run(name: str, cfg, data, evals: int, trace: List[Dict[str, Any]]) -> Iterator[None]:
@@ -140,11 +132,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    register_configs()
     shared = [f"dataset.train_subset={subset}", f"dataset.val_size={val_size}", "dataset.test_subset=0",
               f"model.channels={args.channels}", f"model.layers={args.layers}", f"trainer.epochs={epochs}",
               "trainer.progress=false", *args.reg]
-    cfgs = {m: compose_train(shared + METHODS[m]) for m in methods}
+    cfgs = {m: compose_config(shared + METHODS[m]) for m in methods}
     first = cfgs[methods[0]]
     data = prepare_data(first.dataset, resolve_device(first.device), resolve_dtype(first.dtype))
     console = RunConsole()

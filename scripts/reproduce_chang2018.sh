@@ -20,7 +20,8 @@
 #   scripts/reproduce_chang2018.sh --full     the paper's setting: CIFAR-10, Hamiltonian-74-sized nets,
 #                                             SGD 0.1 momentum 0.9, weight decay 2e-4, batch 100,
 #                                             160 epochs (a GPU job; CIFAR-10 must be downloadable or on disk)
-#   options: --dataset NAME (fashion_mnist | cifar10 | mnist ...), --out DIR, --device cpu|cuda|auto
+#   options: --dataset NAME (fashion_mnist | cifar10 | mnist ...), --out DIR (or OUT=DIR in the
+#            environment; default outputs/reproduce/chang2018/DATE_MODE), --device cpu|cuda|auto
 #            (default cpu, auto with --full),
 #            --threads N (default 1 on the CPU: on 2 cores shared with other jobs, two threads made these
 #            small layers several times slower); anything after `--` goes to every run (e.g. -- seed=1)
@@ -37,7 +38,7 @@ MODE=default
 DATASET=""
 DEVICE=""
 THREADS=1
-OUT=""
+OUT=${OUT:-}   # the environment's OUT=DIR, as in the other reproduce scripts; --out DIR wins
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -48,12 +49,12 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --threads) THREADS="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "reproduce_chang2018: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-OUT=${OUT:-outputs/reproduce_chang2018/$(date +%Y-%m-%d_%H-%M-%S)_$MODE}
+OUT=${OUT:-outputs/reproduce/chang2018/$(date +%Y-%m-%d_%H-%M-%S)_$MODE}
 if [ "$MODE" = full ]; then DEVICE=${DEVICE:-auto}; else DEVICE=${DEVICE:-cpu}; fi
 
 # Per mode: dataset, widths of the Hamiltonian net / of the others, steps per unit, T, epochs,

@@ -14,7 +14,8 @@
 #   scripts/reproduce_haber2017_resolution.sh --full     # all 55000 images, 16 channels, 10 epochs (hours)
 #   scripts/reproduce_haber2017_resolution.sh dataset=mnist   # extra overrides go to every run
 #   OPTIMIZER=bcd scripts/reproduce_haber2017_resolution.sh   # the paper's optimizer (any mode): every run gets
-#       optimizer=bcd and trainer.batch_size=$BCD_BATCH (default 1024); output in .../haber2017_resolution_bcd/
+#       experiment=bcd_fashion (BCD, batch 1024, ||grad W||^2 1e-7; BCD_BATCH=... changes the batch);
+#       output in .../haber2017_resolution_bcd/
 # Output: $OUT (default outputs/reproduce/haber2017_resolution/DATE) with every run, and
 # table.md / table.json there.
 set -euo pipefail
@@ -27,7 +28,7 @@ OPTIMIZER=${OPTIMIZER:-}
 OUT=${OUT:-outputs/reproduce/haber2017_resolution${OPTIMIZER:+_$OPTIMIZER}/$(date +%Y-%m-%d_%H-%M-%S)}
 case $OPTIMIZER in
   "")  OPT_ARGS="" ;;
-  bcd) OPT_ARGS="optimizer=bcd trainer.batch_size=${BCD_BATCH:-1024}" ;;
+  bcd) OPT_ARGS="experiment=bcd_fashion trainer.batch_size=${BCD_BATCH:-1024}" ;;
   *)   OPT_ARGS="optimizer=$OPTIMIZER" ;;
 esac
 

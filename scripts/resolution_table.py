@@ -4,7 +4,9 @@
     .venv/bin/python scripts/resolution_table.py OUT
 
 Reads OUT/{coarse,fine}/JOB/{config.yaml,summary.json} and OUT/{coarse_to_fine,fine_to_coarse}/JOB/transfer.json,
-prints (1) every setting's validation accuracies and (2) the paper's table beside msnet's for
+prints (1) every setting's validation accuracies (the "smoothed" columns: the fine images
+smoothed by the Gaussian the coarse images got before R; empty for outputs made before msnet
+transfer measured them) and (2) the paper's table beside msnet's for
 the setting with the best validation accuracy of coarse->fine stencil transfer, and writes
 OUT/table.md and OUT/table.json.
 """
@@ -53,7 +55,10 @@ def load(out: Path):
             "dataset": cfg["dataset"]["name"],
             "coarse_val": data["coarse"]["final_val_acc"], "coarse_test": data["coarse"]["final_test_acc"],
             "fine_val": data["fine"]["final_val_acc"], "fine_test": data["fine"]["final_test_acc"],
-            **{f"c2f_{k}_{s}": c2f[m][f"{s}_acc"] for k, m in (("stencil", "stencil transfer"), ("naive", "naive kernel reuse"), ("resample", "resampled images")) for s in ("val", "test")},
+            **{f"c2f_{k}_{s}": c2f[m][f"{s}_acc"] if m in c2f else None
+               for k, m in (("stencil", "stencil transfer"), ("naive", "naive kernel reuse"), ("resample", "resampled images"),
+                            ("stencil_smooth", "stencil transfer, smoothed images"),
+                            ("naive_smooth", "naive kernel reuse, smoothed images")) for s in ("val", "test")},
             **{f"f2c_{k}_{s}": f2c[m][f"{s}_acc"] for k, m in (("stencil", "stencil transfer"), ("naive", "naive kernel reuse"), ("resample", "resampled images")) for s in ("val", "test")},
         })
     return rows
@@ -68,10 +73,11 @@ def main() -> None:
     rows = load(out)
     if not rows:
         sys.exit(f"error: no complete settings under {out}")
-    console = Console(record=True, width=170)
+    console = Console(record=True, width=210)
     grid = Table(title=f"every setting (validation accuracy), {rows[0]['dataset']}")
     cols = [("layers", "layers"), ("T", "T"), ("reg_W", "‖∇W‖² weight"), ("coarse_val", "coarse"), ("fine_val", "fine"),
             ("c2f_stencil_val", "c→f stencil"), ("c2f_naive_val", "c→f same kernels"), ("c2f_resample_val", "c→f resample"),
+            ("c2f_stencil_smooth_val", "c→f stencil, smoothed"), ("c2f_naive_smooth_val", "c→f same, smoothed"),
             ("f2c_stencil_val", "f→c stencil"), ("f2c_naive_val", "f→c same kernels"), ("f2c_resample_val", "f→c resample")]
     for _, name in cols:
         grid.add_column(name, justify="right")
@@ -92,6 +98,8 @@ def main() -> None:
         "coarse->fine, stencil prolongation": ("c2f_stencil_val", "c2f_stencil_test"),
         "coarse->fine, same kernels": ("c2f_naive_val", "c2f_naive_test"),
         "coarse->fine, resampled images": ("c2f_resample_val", "c2f_resample_test"),
+        "coarse->fine, stencil, smoothed images": ("c2f_stencil_smooth_val", "c2f_stencil_smooth_test"),
+        "coarse->fine, same kernels, smoothed images": ("c2f_naive_smooth_val", "c2f_naive_smooth_test"),
         "fine->coarse, stencil restriction": ("f2c_stencil_val", "f2c_stencil_test"),
         "fine->coarse, same kernels": ("f2c_naive_val", "f2c_naive_test"),
         "fine->coarse, resampled images": ("f2c_resample_val", "f2c_resample_test"),

@@ -27,7 +27,9 @@ def test_transfer_coarse_to_fine(runs, compose_cfg, tmp_path):
                                    f"native={runs / 'fine' / 'checkpoints' / 'last.pt'}"])
     rows = transfer_checkpoint(cfg, tmp_path / "t")
     methods = [r["method"] for r in rows]
-    assert methods == ["stencil transfer", "naive kernel reuse", "resampled images -> 8x8", "native (trained at target)"]
+    assert methods == ["stencil transfer", "naive kernel reuse", "resampled images -> 8x8",
+                       "stencil transfer, smoothed images", "naive kernel reuse, smoothed images",
+                       "native (trained at target)"]
     assert all(0 <= r["test_acc"] <= 1 and r["val_loss"] > 0 for r in rows)
     saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert saved["checkpoint"].endswith("coarse/checkpoints/last.pt")  # found as the latest coarse run
@@ -42,7 +44,7 @@ def test_transfer_coarse_to_fine(runs, compose_cfg, tmp_path):
 def test_transfer_fine_to_coarse_and_warm_start(runs, compose_cfg, tiny_cfg, tmp_path):
     cfg = compose_cfg("transfer", ["source=fine", "target=8", f"ckpt={runs / 'fine'}", "device=cpu"])
     rows = transfer_checkpoint(cfg, tmp_path / "t")
-    assert rows[2]["method"] == "resampled images -> 16x16"
+    assert [r["method"] for r in rows] == ["stencil transfer", "naive kernel reuse", "resampled images -> 16x16"]
     transferred = tmp_path / "t" / "checkpoints" / "transferred.pt"
     s = train(tiny_cfg(["dataset.image_size=16", "level=coarse", "trainer.epochs=1", f"init={transferred}"]), tmp_path / "warm")
     assert s["status"] == "completed"
@@ -70,3 +72,24 @@ def test_transfer_errors(runs, compose_cfg, tmp_path):
 def test_cli_rewrites_from_and_to():
     assert rewrite("transfer", ["--from", "coarse", "--to=fine", "x.pt"]) == ["source=coarse", "target=fine", "ckpt='x.pt'"]
     assert rewrite("train", ["--from", "x"]) == ["--from", "x"]
+
+
+def test_source_smoothing_matches_the_levels_restriction():
+    """One level: R(smooth(x)) is exactly the source level's image; two levels: the same up to
+    the commutation of R with the second Gaussian (small for smooth images)."""
+    import torch
+
+    from msnet.multigrid import get_transfer, restrict_images
+    from msnet.train.transfer import source_smoothing
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 32, 32, generator=g, dtype=torch.float64)
+    R = get_transfer("linear").restrict
+    torch.testing.assert_close(R(source_smoothing(1, 1.0)(x)), restrict_images(x, 1, "linear", 1.0), rtol=0, atol=1e-14)
+    assert torch.equal(source_smoothing(2, 0.0)(x), x)
+    smooth = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear")  # images smooth on the 128x128 grid
+    two = R(R(source_smoothing(2, 1.0)(smooth)))
+    ref = restrict_images(smooth, 2, "linear", 1.0)
+    interior = (slice(None), slice(None), slice(3, -3), slice(3, -3))
+    # 5e-4 relative here; the same Gaussian twice (sigma, not 2 sigma, on the fine grid) is off by 0.09
+    assert (two - ref)[interior].abs().max() < 0.01 * ref.abs().max()

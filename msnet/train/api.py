@@ -184,7 +184,7 @@ def _train(
         f"device {device}" + (f" x {env.world_size} processes" if env.enabled else "") + f"  run {run.path}"
         + (f"  [yellow]resumed from {ckpt['path']} at epoch {ckpt['epoch']}[/yellow]" if ckpt else "")
     )
-    if len(schedule) > 1:
+    if len(schedule) > 1 or schedule[0].down:
         console.print("levels: " + " -> ".join(
             f"{lv.name} {data.image_size[0] >> lv.down}x{data.image_size[1] >> lv.down}"
             + (f" {lv.layers} layers" if lv.layers else "") + f" ({lv.epochs} ep)" for lv in schedule))

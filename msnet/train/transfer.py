@@ -11,7 +11,12 @@ validation and test accuracy at the target level for:
 * ``resampled images``: the source network itself, on target images resampled
   bilinearly (antialiased when shrinking) to the source resolution: what one would
   otherwise do;
-* ``native``: a network trained at the target level (``native=PATH``), when given.
+* ``native``: a network trained at the target level (``native=PATH``), when given;
+* going to a finer level, also ``stencil transfer`` and ``naive kernel reuse`` on target images
+  smoothed as the source level's images were (the Gaussian of each restriction, expressed in
+  target pixels: :func:`source_smoothing`). The source network never saw the detail the
+  finer images carry, and stencil prolongation amplifies it: the prolongation of a coarse
+  identity stencil is a sharpening stencil with gain 9 on the finest (checkerboard) mode.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import resolve_device
 from msnet.data import prepare_data
-from msnet.multigrid import TIME_PROLONGATIONS, resample_images, transfer_depth, transfer_resolution
+from msnet.multigrid import (TIME_PROLONGATIONS, gaussian_blur, resample_images, transfer_depth,
+                             transfer_resolution)
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import records_table
 from msnet.train.api import load_network
@@ -73,6 +79,21 @@ def split_metrics(model: torch.nn.Module, data: Any, splits: Any, batch_size: in
         m = evaluate(model, transform(x) if transform else x, y, int(batch_size))
         row[f"{split}_acc"], row[f"{split}_loss"] = m["acc"], m["loss"]
     return row
+
+
+def source_smoothing(levels: int, sigma: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Images ``levels`` levels finer than a source level, smoothed as the source level's were.
+
+    Each restriction of the images is preceded by a Gaussian of std ``sigma`` pixels of the
+    grid it is applied on: ``sigma * 2**i`` pixels of the finest grid for the i-th (i = 0, 1, ...).
+    """
+
+    def smooth(x: torch.Tensor) -> torch.Tensor:
+        for i in range(levels):
+            x = gaussian_blur(x, sigma * 2 ** i) if sigma > 0 else x
+        return x
+
+    return smooth
 
 
 def _naive_reuse(source: torch.nn.Module, transferred: torch.nn.Module) -> torch.nn.Module:
@@ -123,13 +144,17 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
 
     rows: List[Dict[str, Any]] = []
 
-    def measure(method: str, model: torch.nn.Module, resample: bool = False) -> None:
-        transform = (lambda x: resample_images(x, src_size)) if resample else None
+    def measure(method: str, model: torch.nn.Module,
+                transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         rows.append({"method": method, **split_metrics(model, target_data, cfg.splits, cfg.batch_size, transform)})
 
     measure("stencil transfer", transferred)
     measure("naive kernel reuse", naive)
-    measure(f"resampled images -> {src_size[0]}x{src_size[1]}", source, resample=True)
+    measure(f"resampled images -> {src_size[0]}x{src_size[1]}", source, lambda x: resample_images(x, src_size))
+    if src_down > tgt_down:
+        smooth = source_smoothing(src_down - tgt_down, sigma)
+        measure("stencil transfer, smoothed images", transferred, smooth)
+        measure("naive kernel reuse, smoothed images", naive, smooth)
     if cfg.native:
         nck = load_checkpoint(cfg.native)
         native_net = load_network(nck, device, dtype)
