@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from msnet import MsnetError
 from msnet.config import compose_config
 from msnet.core import build_model, resolve_device
 from msnet.data import prepare_data
@@ -194,4 +196,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (MsnetError, HydraException) as err:  # a bad override or config: one line, no traceback
+        raise SystemExit(f"bench_pyramid: error: {str(err).splitlines()[0]}")
