@@ -112,6 +112,18 @@ def test_a_failing_sweep_job_keeps_its_error_and_returns(hydra_job, tmp_path, ca
             raise RuntimeError("boom")  # outside a sweep nothing is swallowed
 
 
+def test_an_error_under_torchrun_is_reported_by_rank_0_alone(hydra_job, tmp_path, monkeypatch, capsys):
+    hydra_job("RUN")
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_:
+            with errors_as_lines(tmp_path):
+                raise MsnetError("dataset.val_size must be >= 0")
+        assert exit_.value.code == 2
+        assert ("error: dataset.val_size must be >= 0" in capsys.readouterr().err) == shown
+        assert (tmp_path / "error.txt").exists() == shown
+
+
 def test_sweep_failures_names_the_new_errors(tmp_path, capsys):
     from omegaconf import OmegaConf
 

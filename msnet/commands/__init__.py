@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import warnings
@@ -35,15 +36,21 @@ def errors_as_lines(run_dir: Optional[str | Path] = None) -> Iterator[None]:
     exception of a sweep job is kept too (traceback on stderr and in ``error.txt``), and
     :class:`SweepFailures` ends the sweep with exit code 2 naming the failed jobs. An
     ``error.txt`` left by an earlier run into the same directory is removed first.
+
+    Under torchrun every rank meets the same :class:`MsnetError` (they run the same checks on
+    the same config and all-reduced numbers), so only rank 0 prints and writes it; the other
+    ranks exit with code 2 silently.
     """
-    if run_dir is not None:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if run_dir is not None and main_rank:
         (Path(run_dir) / "error.txt").unlink(missing_ok=True)
     try:
         yield
     except MsnetError as err:
         message = str(err)
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        _write_error(run_dir, message)
+        if main_rank:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            _write_error(run_dir, message)
         if _in_sweep():
             return
         raise SystemExit(2) from None
