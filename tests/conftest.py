@@ -24,6 +24,15 @@ def fashion_available() -> bool:
     return staged.exists() or (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
+def loglog_slope(hs, errors) -> float:
+    """Least-squares slope of log(error) against log(h): the observed order of convergence."""
+    import math
+
+    x, y = [math.log(h) for h in hs], [math.log(e) for e in errors]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+
+
 needs_fashion = pytest.mark.skipif(
     not fashion_available(), reason="Fashion-MNIST not on disk (apt-get install -y dataset-fashion-mnist)"
 )

@@ -18,19 +18,13 @@ from msnet.runs import load_checkpoint
 from msnet.train import train
 from msnet.train.setup import check_config
 
+from .conftest import loglog_slope
 from .test_integrators import conv_matrix
 
 
 def block(name: str, residual: str, n_steps: int, T: float = 1.0, channels: int = 2, activation: str = "tanh") -> ODEBlock:
     """A float64 ODE block with freshly initialised parameters."""
     return ODEBlock(RESIDUALS.get(residual)(channels, activation), INTEGRATORS.get(name)(), n_steps, T).double()
-
-
-def slope(hs, errors) -> float:
-    """Least-squares slope of log(error) against log(h)."""
-    x, y = [math.log(h) for h in hs], [math.log(e) for e in errors]
-    n, sx, sy = len(x), sum(x), sum(y)
-    return (n * sum(a * b for a, b in zip(x, y)) - sx * sy) / (n * sum(a * a for a in x) - sx**2)
 
 
 # ---------------------------------------------------------------- facts and coefficients
@@ -129,7 +123,7 @@ def test_convergence_order_on_linear_ode(k):
         b.params["k"].requires_grad_(False)
         with torch.no_grad():
             errors.append(((b(y0) - exact).norm() / exact.norm()).item())
-    fitted = slope([T / n for n in steps], errors)
+    fitted = loglog_slope([T / n for n in steps], errors)
     assert abs(fitted - LinearMultistep.order_at(k)) < 0.2, (k, fitted, errors)
     assert errors[-1] < errors[0]
 

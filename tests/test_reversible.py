@@ -19,6 +19,9 @@ from msnet.core.reversible import HamiltonianResidual, odeint_scheme, residual_e
 from msnet.train import train
 from msnet.train.setup import check_config
 
+from .conftest import loglog_slope
+from .test_integrators import conv_matrix
+
 REVERSIBLE = [n for n in INTEGRATORS.names() if INTEGRATORS.get(n).reversible]
 
 
@@ -146,17 +149,6 @@ def test_gradcheck_reversible_backprop(name):
     assert torch.autograd.gradcheck(g, inputs, eps=1e-6, atol=1e-6)
 
 
-def conv_matrix(K: torch.Tensor, c_in: int, s: int) -> torch.Tensor:
-    """Dense matrix of y -> conv2d(y, K, padding=1) on (c_in, s, s) images (zero boundary)."""
-    eye = torch.eye(c_in * s * s, dtype=K.dtype).reshape(-1, c_in, s, s)
-    return torch.nn.functional.conv2d(eye, K, None, padding=1).reshape(c_in * s * s, -1).T
-
-
-def fitted_order(hs, errors) -> float:
-    lx, ly = [math.log(h) for h in hs], [math.log(e) for e in errors]
-    n, mx, my = len(lx), sum(lx) / len(lx), sum(ly) / len(ly)
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
-
 
 def linear_problem(name: str, c: int, s: int):
     """A block with identity activation, zero biases and constant stencils, and its exact y(T) map.
@@ -203,7 +195,7 @@ def test_convergence_order_on_linear_problem(name):
             for k, p in block.params.items():
                 p.copy_(stencils[k].expand_as(p)) if k in stencils else p.zero_()
             errors.append(((block(y0) - ref).norm() / ref.norm()).item())
-    order = fitted_order([T / n for n in steps], errors)
+    order = loglog_slope([T / n for n in steps], errors)
     assert abs(order - INTEGRATORS.get(name).order) < 0.2, (name, order, errors)
 
 
