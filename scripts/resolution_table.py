@@ -51,7 +51,7 @@ def load(out: Path):
         rows.append({
             "job": i,
             "layers": cfg["model"]["layers"], "T": cfg["model"]["T"], "activation": cfg["model"]["activation"],
-            "reg_W": cfg["regularizer"]["classifier_smoothness"],
+            "reg_W": cfg["regularizer"]["classifier_smoothness"], "reg_K": cfg["regularizer"]["stencil_smoothness"],
             "dataset": cfg["dataset"]["name"],
             "coarse_val": data["coarse"]["final_val_acc"], "coarse_test": data["coarse"]["final_test_acc"],
             "fine_val": data["fine"]["final_val_acc"], "fine_test": data["fine"]["final_test_acc"],
@@ -73,9 +73,9 @@ def main() -> None:
     rows = load(out)
     if not rows:
         sys.exit(f"error: no complete settings under {out}")
-    console = Console(record=True, width=210)
+    console = Console(record=True, width=240)
     grid = Table(title=f"every setting (validation accuracy), {rows[0]['dataset']}")
-    cols = [("layers", "layers"), ("T", "T"), ("reg_W", "‖∇W‖² weight"), ("coarse_val", "coarse"), ("fine_val", "fine"),
+    cols = [("layers", "layers"), ("T", "T"), ("activation", "σ"), ("reg_W", "‖∇W‖² weight"), ("reg_K", "‖ΔK‖² weight"), ("coarse_val", "coarse"), ("fine_val", "fine"),
             ("c2f_stencil_val", "c→f stencil"), ("c2f_naive_val", "c→f same kernels"), ("c2f_resample_val", "c→f resample"),
             ("c2f_stencil_smooth_val", "c→f stencil, smoothed"), ("c2f_naive_smooth_val", "c→f same, smoothed"),
             ("f2c_stencil_val", "f→c stencil"), ("f2c_naive_val", "f→c same kernels"), ("f2c_resample_val", "f→c resample")]
@@ -87,7 +87,8 @@ def main() -> None:
 
     best = max(rows, key=lambda r: r["c2f_stencil_val"])
     head = Table(title=f"paper (MNIST, val) vs msnet ({best['dataset']}, test; setting chosen on val: "
-                       f"layers={best['layers']}, T={best['T']}, ‖∇W‖² weight={best['reg_W']})")
+                       f"layers={best['layers']}, T={best['T']}, {best['activation']}, ‖∇W‖² weight={best['reg_W']}, "
+                       f"‖ΔK‖² weight={best['reg_K']})")
     head.add_column("quantity")
     head.add_column("paper", justify="right")
     head.add_column("msnet val", justify="right")
