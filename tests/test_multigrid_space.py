@@ -89,3 +89,23 @@ def test_galerkin_system_is_well_posed(name):
 def test_float32_weights_keep_their_dtype():
     w = torch.randn(4, 4, 3, 3)
     assert restrict_stencil(w).dtype == torch.float32 and prolong_stencil(w).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, fine_identity_checkerboard_gain", [("linear", 9.0), ("constant", 1.0)])
+def test_prolonged_identity_stencil(name, fine_identity_checkerboard_gain):
+    """What the README's transfer analysis rests on: with full weighting (R P a blur) the stencil
+    prolongation of the coarse identity is a sharpening stencil, gain 1 on constants and 9 on the
+    finest (checkerboard) mode, and its restriction a blur; with blocks (R P = I) it stays the identity."""
+    identity = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    identity[0, 0, 1, 1] = 1.0
+    fine = prolong_stencil(identity, name)[0, 0]
+    checkerboard = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float64)
+    assert float(fine.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float((fine * checkerboard).sum()) == pytest.approx(fine_identity_checkerboard_gain, abs=1e-10)
+    if name == "linear":
+        expected = torch.tensor([[0.25, -1, 0.25], [-1, 4, -1], [0.25, -1, 0.25]], dtype=torch.float64)
+        torch.testing.assert_close(fine, expected, rtol=0, atol=1e-10)
+        blur = torch.tensor([[1.0, 6, 1], [6, 36, 6], [1, 6, 1]], dtype=torch.float64) / 64  # (1/8, 3/4, 1/8)^2
+        torch.testing.assert_close(restrict_stencil(identity, name)[0, 0], blur, rtol=0, atol=1e-12)
+    else:
+        torch.testing.assert_close(fine, identity[0, 0], rtol=0, atol=1e-10)
