@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.multigrid import get_transfer, restrict_images, transfer_resolution
-from msnet.multigrid.space import restrict_stencil
+from msnet.multigrid.space import prolong_stencil, restrict_stencil
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import train
 from msnet.train.regularizers import build_regularizer, classifier_smoothness, time_smoothness
@@ -112,6 +112,23 @@ def test_pyramid_training_runs_coarse_to_fine(tiny_cfg, tmp_path):
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["levels"][0]["test_acc"] is not None
     assert "levels" in (tmp_path / "run" / "console.txt").read_text()
+
+
+def test_block_pyramid_trains_on_block_averages(compose_cfg, tiny_cfg, tmp_path):
+    """+pyramid=2level_block: coarse images are exactly the 2x2 block averages, the identity stencil moves unchanged."""
+    cfg = compose_cfg("train", ["+pyramid=2level_block"])
+    assert (cfg.pyramid.operator, cfg.pyramid.sigma, list(cfg.pyramid.epochs)) == ("constant", 0.0, [5, 5])
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    coarse = restrict_images(x, 1, cfg.pyramid.operator, cfg.pyramid.sigma)
+    assert torch.allclose(coarse, x.view(3, 1, 8, 2, 8, 2).mean(dim=(3, 5)), rtol=0, atol=1e-15)
+    # a coarse identity stencil prolongs to the identity (the linear pair's prolongation sharpens)
+    ident = torch.zeros(3, 3, dtype=torch.float64)
+    ident[1, 1] = 1.0
+    assert torch.allclose(prolong_stencil(ident, cfg.pyramid.operator), ident, atol=1e-12)
+    run = tiny_cfg(["dataset.image_size=16", "+pyramid=2level_block", "pyramid.epochs=[1,1]"])
+    summary = train(run, tmp_path / "run")
+    assert [(lv["level"], lv["resolution"]) for lv in summary["levels"]] == [("coarse", "8x8"), ("fine", "16x16")]
+    assert summary["final_test_acc"] > 0.5  # 4 classes
 
 
 def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, fail_epoch):
