@@ -32,6 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # whose inverse 2 Y_j - Y_{j+1} + ... cancels. Measured worst cases (all states): float64 2e-16
 # (hamiltonian, midpoint), 4e-15 (leapfrog); float32 1.4e-7 (hamiltonian, midpoint), 4e-6 (leapfrog).
 RECONSTRUCT_TOL = {torch.float64: 1e-12, torch.float32: 5e-5}
+# The reconstruction and gradient checks run on every device there is: CUDA on a GPU machine (CI has none).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def residual_for(name: str) -> str:
@@ -68,12 +70,13 @@ def trajectory(block: ODEBlock, y0: torch.Tensor):
     return states
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", REVERSIBLE)
-def test_inverse_steps_rebuild_every_state(name, dtype):
+def test_inverse_steps_rebuild_every_state(name, dtype, device):
     """Run 64 steps forward, then 64 inverse steps from the last state: every state comes back."""
-    block = random_block(name, 64, 2.0, dtype=dtype)
-    y0 = torch.randn(3, 4, 6, 6, dtype=dtype)
+    block = random_block(name, 64, 2.0, dtype=dtype).to(device)
+    y0 = torch.randn(3, 4, 6, 6, dtype=dtype).to(device)
     with torch.no_grad():
         states = trajectory(block, y0)
         scale = max(s.abs().max().item() for st in states for s in st)
@@ -99,16 +102,17 @@ def two_stage_model(name: str, backprop: str, connective: str = "pad", p_last: f
     return build_model(spec).double()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("connective", ["pad", "conv"])
 @pytest.mark.parametrize("name", REVERSIBLE)
-def test_reversible_gradients_equal_stored_ones(name, connective):
+def test_reversible_gradients_equal_stored_ones(name, connective, device):
     """float64: d loss / d(input, every parameter) of backprop=reversible equals backprop=store to 1e-10."""
-    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64).to(device)
     grads = {}
     for backprop in ("store", "reversible"):
-        model = two_stage_model(name, backprop, connective)
+        model = two_stage_model(name, backprop, connective).to(device)
         xi = x.clone().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(model(xi), torch.tensor([0, 1, 2, 0, 1]))
+        loss = torch.nn.functional.cross_entropy(model(xi), torch.tensor([0, 1, 2, 0, 1], device=device))
         loss.backward()
         grads[backprop] = [xi.grad] + [p.grad for p in model.parameters()]
     for a, b in zip(grads["store"], grads["reversible"]):
