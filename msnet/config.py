@@ -120,6 +120,9 @@ class PyramidConfig:
     lr: Optional[List[float]] = None  # per level; null: optimizer.lr on every level
     operator: str = "linear"  # image/stencil transfer (msnet.multigrid.TRANSFERS)
     sigma: float = 1.0  # Gaussian smoothing (fine pixels) before each restriction of the images
+    stencils: str = "galerkin"  # galerkin (the paper's) | fit: Galerkin refitted on sample images (multigrid.datafit)
+    fit_images: int = 256  # training images the fit uses at each prolongation
+    fit_ridge: float = 1.0e-3  # pull towards the Galerkin stencils, relative to the data term
 
 
 @dataclass
@@ -192,6 +195,9 @@ class TransferConfig:
     outputs: str = "outputs"  # where to look for runs when ckpt is not given
     operator: str = "linear"
     sigma: float = 1.0  # smoothing before each image restriction (as in pyramid training)
+    stencils: str = "galerkin"  # the checkpoint written: galerkin | fit (Galerkin refitted on training images)
+    fit_images: int = 256  # training images of the data-fitted transfer (its row is always measured)
+    fit_ridge: float = 1.0e-3
     splits: Any = field(default_factory=lambda: ["val", "test"])
     device: str = "auto"
     threads: Optional[int] = None

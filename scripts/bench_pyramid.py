@@ -51,7 +51,7 @@ from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.train.loop import evaluate, train_epoch
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import build_schedule, level_data
+from msnet.train.schedule import build_schedule, level_data, prolong_level
 from msnet.train.setup import model_spec, resolve_dtype, set_seed
 from msnet.train.updates import build_update
 
@@ -92,10 +92,10 @@ def pyramid_run(cfg, levels, data, evals, trace, clock):
     model = transfer_resolution(new_model(cfg, data), -levels[0].down, op)
     for i, lv in enumerate(levels):
         if i:
-            t0 = time.perf_counter()
-            model = transfer_resolution(model, levels[i - 1].down - lv.down, op)
+            d, d_src = level_data(data, lv.down, op, sigma), level_data(data, levels[i - 1].down, op, sigma)
+            t0 = time.perf_counter()  # the move (and the stencil fit, with pyramid.stencils=fit) counts as training time
+            model, _ = prolong_level(model, d_src, d, levels[i - 1].down - lv.down, cfg.pyramid, int(cfg.seed))
             clock[0] += time.perf_counter() - t0
-            d = level_data(data, lv.down, op, sigma)
             acc = evaluate(model, d.x_val, d.y_val)["acc"]
             trace.append({"run": f"{lv.name} (prolonged)", "down": lv.down, "train_s": clock[0], "val_acc": acc,
                           "epoch": 0})
@@ -191,7 +191,7 @@ def main() -> None:
     setting = (f"{data.name}, {data.x_train.shape[0]} training images, {args.channels} channels x {args.layers} "
                f"layers, optimizer {cfg.optimizer.name} (lr {cfg.optimizer.lr}, {cfg.optimizer.scheduler}), batch "
                f"{cfg.trainer.batch_size}, pyramid {args.pyramid} (operator {cfg.pyramid.operator}, sigma "
-               f"{cfg.pyramid.sigma}), overrides {args.overrides}, seeds {seeds}, {torch.get_num_threads()} threads")
+               f"{cfg.pyramid.sigma}, stencils {cfg.pyramid.stencils}), overrides {args.overrides}, seeds {seeds}, {torch.get_num_threads()} threads")
     console.print(f"{setting}\nsingle-level: {epochs} epochs at {h}x{w}; pyramid {args.pyramid}: {plan}; "
                   "interleaved chunk by chunk ...")
 

@@ -6,7 +6,9 @@ at one restriction below the native resolution (images restricted as ``+pyramid`
 Gaussian of std SIGMA fine pixels, then R of the pair OP) for ``--epochs`` epochs, prolong its
 stencils and classifier with the same pair (``msnet.multigrid.transfer_resolution``), and
 evaluate the prolonged network on the raw fine validation images and on P R x (the fine images
-with their detail below the coarse grid removed). This is the drop the pyramid's fine level has
+with their detail below the coarse grid removed), and the network whose stencils are then
+refitted on ``--fit-images`` training images (``pyramid.stencils=fit``, msnet.multigrid.datafit)
+on the raw fine images. This is the drop the pyramid's fine level has
 to recover (README, Benchmarks: bench_pyramid.py).
 
     .venv/bin/python scripts/prolongation_drop.py linear:1 constant:1 constant:0 linear:0
@@ -30,7 +32,7 @@ from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.train.loop import evaluate, train_epoch
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import level_data
+from msnet.train.schedule import level_data, prolong_level
 from msnet.train.setup import model_spec, resolve_dtype, set_seed
 from msnet.train.updates import build_update
 
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--train-subset", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit-images", type=int, default=256, help="training images of the data-fitted stencils")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="outputs/bench/prolongation_drop")
     args = ap.parse_args()
@@ -73,13 +76,16 @@ def main() -> None:
             train_epoch(coarse, update, d.x_train, d.y_train, cfg.trainer.batch_size, g)
             update.end_epoch()
         fine = transfer_resolution(coarse, 1, op)
+        fitted, _ = prolong_level(coarse, d, data, 1, {"operator": op, "stencils": "fit",
+                                                       "fit_images": args.fit_images, "fit_ridge": 1e-3}, args.seed)
         pair = get_transfer(op)
         with torch.no_grad():
             smooth_val = pair.prolong(pair.restrict(data.x_val))
         rows.append({"operator": op, "sigma": sigma,
                      "coarse val": evaluate(coarse, d.x_val, d.y_val)["acc"],
                      "prolonged, raw fine": evaluate(fine, data.x_val, data.y_val)["acc"],
-                     "prolonged, P R x": evaluate(fine, smooth_val, data.y_val)["acc"]})
+                     "prolonged, P R x": evaluate(fine, smooth_val, data.y_val)["acc"],
+                     "prolonged, stencils fit": evaluate(fitted, data.x_val, data.y_val)["acc"]})
         console.print(f"{op}:{sigma} done")
     shown = [{k: (f"{v:.2%}" if isinstance(v, float) and k != "sigma" else v) for k, v in r.items()} for r in rows]
     setting = (f"{data.name}, {data.x_train.shape[0]} training images, {args.channels} channels x {args.layers} "

@@ -5,8 +5,9 @@
 
 Reads OUT/{coarse,fine}/JOB/{config.yaml,summary.json} and OUT/{coarse_to_fine,fine_to_coarse}/JOB/transfer.json,
 prints (1) every setting's validation accuracies (the "smoothed" columns: the fine images
-smoothed by the Gaussian the coarse images got before R; empty for outputs made before msnet
-transfer measured them) and (2) the paper's table beside msnet's for
+smoothed by the Gaussian the coarse images got before R; "fitted": the Galerkin stencils refitted
+on 256 training images, msnet.multigrid.datafit; empty for outputs made before msnet transfer
+measured them) and (2) the paper's table beside msnet's for
 the setting with the best validation accuracy of coarse->fine stencil transfer, and writes
 OUT/table.md and OUT/table.json.
 """
@@ -46,7 +47,9 @@ def load(out: Path):
             continue
         data = {k: json.loads(f.read_text()) for k, f in files.items()}
         cfg = yaml.safe_load((out / "coarse" / i / "config.yaml").read_text())
-        by = lambda t: {r["method"].split(" ->")[0]: r for r in data[t]["results"]}  # noqa: E731
+        # "resampled images -> 14x14" and "stencil transfer, fitted on N training images" by their stem
+        stem = lambda m: m.split(" ->")[0].split(" on ")[0]  # noqa: E731
+        by = lambda t: {stem(r["method"]): r for r in data[t]["results"]}  # noqa: E731
         c2f, f2c = by("c2f"), by("f2c")
         rows.append({
             "job": i,
@@ -56,10 +59,13 @@ def load(out: Path):
             "coarse_val": data["coarse"]["final_val_acc"], "coarse_test": data["coarse"]["final_test_acc"],
             "fine_val": data["fine"]["final_val_acc"], "fine_test": data["fine"]["final_test_acc"],
             **{f"c2f_{k}_{s}": c2f[m][f"{s}_acc"] if m in c2f else None
-               for k, m in (("stencil", "stencil transfer"), ("naive", "naive kernel reuse"), ("resample", "resampled images"),
+               for k, m in (("stencil", "stencil transfer"), ("fit", "stencil transfer, fitted"),
+                            ("naive", "naive kernel reuse"), ("resample", "resampled images"),
                             ("stencil_smooth", "stencil transfer, smoothed images"),
                             ("naive_smooth", "naive kernel reuse, smoothed images")) for s in ("val", "test")},
-            **{f"f2c_{k}_{s}": f2c[m][f"{s}_acc"] for k, m in (("stencil", "stencil transfer"), ("naive", "naive kernel reuse"), ("resample", "resampled images")) for s in ("val", "test")},
+            **{f"f2c_{k}_{s}": f2c[m][f"{s}_acc"] if m in f2c else None
+               for k, m in (("stencil", "stencil transfer"), ("fit", "stencil transfer, fitted"),
+                            ("naive", "naive kernel reuse"), ("resample", "resampled images")) for s in ("val", "test")},
         })
     return rows
 
@@ -76,9 +82,9 @@ def main() -> None:
     console = Console(record=True, width=240)
     grid = Table(title=f"every setting (validation accuracy), {rows[0]['dataset']}")
     cols = [("layers", "layers"), ("T", "T"), ("activation", "σ"), ("reg_W", "‖∇W‖² weight"), ("reg_K", "‖ΔK‖² weight"), ("coarse_val", "coarse"), ("fine_val", "fine"),
-            ("c2f_stencil_val", "c→f stencil"), ("c2f_naive_val", "c→f same kernels"), ("c2f_resample_val", "c→f resample"),
+            ("c2f_stencil_val", "c→f stencil"), ("c2f_fit_val", "c→f stencil, fitted"), ("c2f_naive_val", "c→f same kernels"), ("c2f_resample_val", "c→f resample"),
             ("c2f_stencil_smooth_val", "c→f stencil, smoothed"), ("c2f_naive_smooth_val", "c→f same, smoothed"),
-            ("f2c_stencil_val", "f→c stencil"), ("f2c_naive_val", "f→c same kernels"), ("f2c_resample_val", "f→c resample")]
+            ("f2c_stencil_val", "f→c stencil"), ("f2c_fit_val", "f→c stencil, fitted"), ("f2c_naive_val", "f→c same kernels"), ("f2c_resample_val", "f→c resample")]
     for _, name in cols:
         grid.add_column(name, justify="right")
     for r in rows:
@@ -97,11 +103,13 @@ def main() -> None:
         "native coarse (14x14)": ("coarse_val", "coarse_test"),
         "native fine (28x28)": ("fine_val", "fine_test"),
         "coarse->fine, stencil prolongation": ("c2f_stencil_val", "c2f_stencil_test"),
+        "coarse->fine, stencil prolongation, fitted": ("c2f_fit_val", "c2f_fit_test"),
         "coarse->fine, same kernels": ("c2f_naive_val", "c2f_naive_test"),
         "coarse->fine, resampled images": ("c2f_resample_val", "c2f_resample_test"),
         "coarse->fine, stencil, smoothed images": ("c2f_stencil_smooth_val", "c2f_stencil_smooth_test"),
         "coarse->fine, same kernels, smoothed images": ("c2f_naive_smooth_val", "c2f_naive_smooth_test"),
         "fine->coarse, stencil restriction": ("f2c_stencil_val", "f2c_stencil_test"),
+        "fine->coarse, stencil restriction, fitted": ("f2c_fit_val", "f2c_fit_test"),
         "fine->coarse, same kernels": ("f2c_naive_val", "f2c_naive_test"),
         "fine->coarse, resampled images": ("f2c_resample_val", "f2c_resample_test"),
     }

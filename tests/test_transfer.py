@@ -27,7 +27,8 @@ def test_transfer_coarse_to_fine(runs, compose_cfg, tmp_path):
                                    f"native={runs / 'fine' / 'checkpoints' / 'last.pt'}"])
     rows = transfer_checkpoint(cfg, tmp_path / "t")
     methods = [r["method"] for r in rows]
-    assert methods == ["stencil transfer", "naive kernel reuse", "resampled images -> 8x8",
+    assert methods == ["stencil transfer", "stencil transfer, fitted on 256 training images", "naive kernel reuse",
+                       "resampled images -> 8x8",
                        "stencil transfer, smoothed images", "naive kernel reuse, smoothed images",
                        "native (trained at target)"]
     assert all(0 <= r["test_acc"] <= 1 and r["val_loss"] > 0 for r in rows)
@@ -44,12 +45,29 @@ def test_transfer_coarse_to_fine(runs, compose_cfg, tmp_path):
 def test_transfer_fine_to_coarse_and_warm_start(runs, compose_cfg, tiny_cfg, tmp_path):
     cfg = compose_cfg("transfer", ["source=fine", "target=8", f"ckpt={runs / 'fine'}", "device=cpu"])
     rows = transfer_checkpoint(cfg, tmp_path / "t")
-    assert [r["method"] for r in rows] == ["stencil transfer", "naive kernel reuse", "resampled images -> 16x16"]
+    assert [r["method"] for r in rows] == ["stencil transfer", "stencil transfer, fitted on 256 training images",
+                                           "naive kernel reuse", "resampled images -> 16x16"]
     transferred = tmp_path / "t" / "checkpoints" / "transferred.pt"
     s = train(tiny_cfg(["dataset.image_size=16", "level=coarse", "trainer.epochs=1", f"init={transferred}"]), tmp_path / "warm")
     assert s["status"] == "completed"
     with pytest.raises(MsnetError, match="holds a different model"):
         train(tiny_cfg(["dataset.image_size=16", "trainer.epochs=1", f"init={transferred}"]), tmp_path / "bad")
+
+
+def test_transfer_writes_the_fitted_network_with_stencils_fit(runs, compose_cfg, tmp_path):
+    """stencils=fit: the checkpoint written is the fitted network (its accuracy is the fitted row's), the
+    fit's report goes to transfer.json, and two levels are fitted one at a time."""
+    cfg = compose_cfg("transfer", ["source=fine", "target=coarser", f"ckpt={runs / 'fine'}", "device=cpu",
+                                   "stencils=fit", "fit_images=100"])
+    rows = transfer_checkpoint(cfg, tmp_path / "t")
+    fitted = next(r for r in rows if r["method"] == "stencil transfer, fitted on 100 training images")
+    saved = json.loads((tmp_path / "t" / "transfer.json").read_text())
+    assert saved["stencils"] == "fit" and [f["images"] for f in saved["stencil_fits"]] == [100, 100]
+    assert all(f["mismatch_fit"] <= f["mismatch_galerkin"] for f in saved["stencil_fits"])
+    path = tmp_path / "t" / "checkpoints" / "transferred.pt"
+    assert load_checkpoint(path)["transferred_from"]["stencils"] == "fit"
+    ev = evaluate_checkpoint(compose_cfg("evaluate", [f"ckpt={path}", "device=cpu"]))
+    assert {r["split"]: r["acc"] for r in ev}["test"] == fitted["test_acc"]
 
 
 def test_transfer_errors(runs, compose_cfg, tmp_path):
@@ -61,6 +79,8 @@ def test_transfer_errors(runs, compose_cfg, tmp_path):
         (["source=fine", "target=coarse", f"ckpt={fine}", f"native={fine}"], "not at the target level"),
         (["source=coarser", "target=fine", f"outputs={runs}"], "no run trained at level coarser"),
         (["source=fine", "target=5", f"ckpt={fine}"], "no level of 16x16 images is 5 pixels"),
+        (["source=fine", "target=coarse", f"ckpt={fine}", "stencils=exact"], "unknown stencil transfer 'exact'"),
+        (["source=fine", "target=coarse", f"ckpt={fine}", "fit_images=0"], "fit_images must be at least 1"),
     ]
     for overrides, match in cases:
         with pytest.raises(MsnetError, match=match) as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -134,6 +134,9 @@ class ODEBlock(nn.Module):
         self.backprop = backprop
         self.T = float(T)
         self.params = nn.ParameterDict()
+        # probe(j, state): called before each residual evaluation of step j (explicit
+        # integrators only); msnet.multigrid.datafit sets it for a moment, None otherwise.
+        self.probe: Optional[Callable[[int, torch.Tensor], None]] = None
         self._build(layers)
 
     def _build(self, layers: int) -> None:
@@ -201,6 +204,8 @@ class ODEBlock(nn.Module):
         own = {k: self.params[k] for k in self.integrator.shapes()}
 
         def f(j: int, state: torch.Tensor) -> torch.Tensor:
+            if self.probe is not None:
+                self.probe(j, state)
             return self.residual(state, {k: p[j] for k, p in zip(res_names, res)})
 
         if survival is not None:

@@ -11,3 +11,7 @@ from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS, prolong_
 
 __all__ += ["gaussian_blur", "resample_images", "restrict_images", "transfer_depth", "transfer_resolution",
             "TIME_PROLONGATIONS", "TIME_RESTRICTIONS", "prolong_in_time", "restrict_in_time"]
+
+from msnet.multigrid.datafit import STENCIL_TRANSFERS, FitReport, check_stencil_transfer, fit_transfer
+
+__all__ += ["STENCIL_TRANSFERS", "FitReport", "check_stencil_transfer", "fit_transfer"]

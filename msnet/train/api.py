@@ -17,7 +17,7 @@ from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
 from msnet.multigrid import transfer_depth, transfer_resolution
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import Level, build_schedule, level_data
+from msnet.train.schedule import Level, build_schedule, level_data, prolong_level
 from msnet.train.updates import UpdateRule, build_update
 from msnet.train import distributed, speed
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
@@ -123,10 +123,23 @@ def _train(
     sigma = float(cfg.pyramid.sigma) if cfg.get("pyramid") else 1.0
     prolongation = cfg.depth.prolongation if cfg.get("depth") else "linear"
 
-    def move(net: torch.nn.Module, src: Level, dst: Level) -> torch.nn.Module:
-        """Carry a network from one level to the next: in space, then in time."""
+    def move(net: torch.nn.Module, src: Level, dst: Level, replay: bool = False) -> torch.nn.Module:
+        """Carry a network from one level to the next: in space, then in time.
+
+        ``replay``: only the shapes matter (a resumed run loads its weights next), so no data fit.
+        """
         if src.down != dst.down:
-            net = transfer_resolution(net, src.down - dst.down, op)
+            if replay or not cfg.get("pyramid"):
+                net = transfer_resolution(net, src.down - dst.down, op)
+            else:
+                net, fit = prolong_level(net, data_at(src.down), data_at(dst.down), src.down - dst.down,
+                                         cfg.pyramid, int(cfg.seed))
+                if fit is not None:
+                    fits[dst.name] = fit.to_dict()
+                    console.print(
+                        f"stencils fitted on {fit.images} training images in {fit.seconds:.1f}s: restricted "
+                        f"final-state mismatch {fit.mismatch_galerkin:.3f} (Galerkin) -> {fit.mismatch_fit:.3f}"
+                    )
         if dst.layers is not None and dst.layers != (src.layers or net.depth()[0]):
             net = transfer_depth(net, dst.layers, prolongation)
         return net
@@ -157,7 +170,7 @@ def _train(
         if start_level >= len(schedule):
             raise MsnetError(f"checkpoint {ckpt['path']} is at level {start_level}, beyond this schedule; start a new run")
         for a, b in zip(schedule[:start_level], schedule[1 : start_level + 1]):
-            model = move(model, a, b)
+            model = move(model, a, b, replay=True)
         saved = ModelSpec.from_dict(ckpt["model_spec"])
         if saved != model.spec:
             raise MsnetError(
@@ -198,6 +211,7 @@ def _train(
     level_summaries: List[Dict[str, Any]] = list(ckpt.get("levels", [])) if ckpt else []
     update: Optional[UpdateRule] = None
     cache: Dict[int, Any] = {}
+    fits: Dict[str, Dict[str, float]] = {}  # level name -> its stencil fit (pyramid.stencils=fit)
 
     def data_at(down: int):
         if down not in cache:
@@ -297,6 +311,8 @@ def _train(
                     )
                     if level_epoch == lv.epochs:
                         level_summaries.append(_level_summary(lv, d, model, history, time.perf_counter() - t_level, cfg))
+                        if lv.name in fits:
+                            level_summaries[-1]["stencil_fit"] = fits[lv.name]
                     if level_epoch % cfg.trainer.checkpoint_every == 0 or level_epoch == lv.epochs:
                         checkpoint(li, level_epoch)
                         last_good = epoch

@@ -22,7 +22,7 @@ import torch
 
 from msnet import MsnetError
 from msnet.data import DataBundle
-from msnet.multigrid import TRANSFERS, restrict_images
+from msnet.multigrid import TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, restrict_images, transfer_resolution
 
 LEVEL_NAMES = ("fine", "coarse", "coarser")
 
@@ -141,6 +141,9 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level
         if len(lrs) != n:
             raise MsnetError(f"pyramid.lr needs {n} entries (coarsest first) or null, got {lrs}")
         TRANSFERS.get(pyramid.operator)  # unknown operator: one line listing the choices
+        check_stencil_transfer(pyramid.get("stencils", "galerkin"))
+        if pyramid.get("stencils") == "fit" and int(pyramid.fit_images) < 1:
+            raise MsnetError(f"pyramid.fit_images must be at least 1, got {pyramid.fit_images}")
         levels = [
             Level(level_name(finest + n - 1 - i), finest + n - 1 - i, int(epochs[i]), lrs[i]) for i in range(n)
         ]
@@ -206,3 +209,27 @@ def data_for_size(data: DataBundle, size: Tuple[int, int], config: Any, what: st
         )
     op, sigma = transfer_settings(config)
     return level_data(data, k, op, sigma)
+
+
+def prolong_level(
+    model: torch.nn.Module, src: DataBundle, dst: DataBundle, levels: int, pyramid: Any, seed: int,
+) -> Tuple[torch.nn.Module, Optional[FitReport]]:
+    """Move ``model`` ``levels`` restrictions finer (< 0: coarser) as ``pyramid`` says; ``src``/``dst``: each level's data.
+
+    ``pyramid.stencils=galerkin`` is the paper's transfer (:func:`transfer_resolution`);
+    ``fit`` refits the Galerkin network's stencils on ``pyramid.fit_images`` training images
+    (the same ones at both resolutions, drawn with ``seed``) so that the two networks'
+    pre-activations agree on the coarse grid (:func:`msnet.multigrid.fit_transfer`), one level
+    at a time. Returns the new network and the fit's report (None for galerkin).
+    """
+    op = str(pyramid.get("operator", "linear")) if pyramid is not None else "linear"
+    stencils = str(pyramid.get("stencils", "galerkin")) if pyramid is not None else "galerkin"
+    if stencils != "fit":
+        return transfer_resolution(model, levels, op), None
+    if abs(levels) != 1:
+        raise MsnetError("the data-fitted stencil transfer moves one level at a time")
+    n = min(int(pyramid.get("fit_images", 256)), src.x_train.shape[0])
+    idx = torch.randperm(src.x_train.shape[0], generator=torch.Generator().manual_seed(seed))[:n].to(src.x_train.device)
+    moved = transfer_resolution(model, levels, op)
+    report = fit_transfer(model, moved, src.x_train[idx], dst.x_train[idx], op, float(pyramid.get("fit_ridge", 1e-3)))
+    return moved, report

@@ -11,6 +11,10 @@ validation and test accuracy at the target level for:
 * ``resampled images``: the source network itself, on target images resampled
   bilinearly (antialiased when shrinking) to the source resolution: what one would
   otherwise do;
+* ``stencil transfer, fitted``: the Galerkin network with every stencil and bias refitted, level
+  by level, on ``fit_images`` training images so that both networks' pre-activations agree on
+  the coarse grid (:func:`msnet.multigrid.fit_transfer`; ``model.residual=conv_act`` only).
+  ``stencils=fit`` writes this network as the transferred checkpoint;
 * ``native``: a network trained at the target level (``native=PATH``), when given;
 * going to a finer level, also ``stencil transfer`` and ``naive kernel reuse`` on target images
   smoothed as the source level's images were (the Gaussian of each restriction, expressed in
@@ -24,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,13 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import resolve_device
 from msnet.data import prepare_data
-from msnet.multigrid import (TIME_PROLONGATIONS, gaussian_blur, resample_images, transfer_depth,
-                             transfer_resolution)
+from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, gaussian_blur,
+                             resample_images, transfer_depth, transfer_resolution)
+from msnet.multigrid.datafit import check_fittable
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import records_table
 from msnet.train.api import load_network
 from msnet.train.loop import evaluate
-from msnet.train.schedule import data_for_size, level_data, level_name, parse_level
+from msnet.train.schedule import data_for_size, level_data, level_name, parse_level, prolong_level
 from msnet.train.setup import resolve_dtype
 
 
@@ -107,6 +112,33 @@ def _naive_reuse(source: torch.nn.Module, transferred: torch.nn.Module) -> torch
     return naive
 
 
+def _fitted_transfer(source: torch.nn.Module, data: Any, src_down: int, tgt_down: int, cfg: DictConfig,
+                     required: bool) -> Tuple[Optional[torch.nn.Module], List[FitReport]]:
+    """The data-fitted transfer, one level at a time on the same training images at every level.
+
+    None (and no reports) for a model the fit does not support, unless ``required`` (``stencils=fit``),
+    which then fails in one line.
+    """
+    try:
+        check_fittable(source)
+    except MsnetError:
+        if required:
+            raise
+        return None, []
+    step = -1 if src_down > tgt_down else 1
+    net, fits, down = source, [], src_down
+    settings = {"operator": cfg.operator, "stencils": "fit", "fit_images": cfg.fit_images, "fit_ridge": cfg.fit_ridge}
+    if int(cfg.fit_images) < 1:
+        raise MsnetError(f"fit_images must be at least 1, got {cfg.fit_images}")
+    while down != tgt_down:
+        here = level_data(data, down, cfg.operator, float(cfg.sigma))
+        there = level_data(data, down + step, cfg.operator, float(cfg.sigma))
+        net, report = prolong_level(net, here, there, -step, settings, 0)
+        fits.append(report)
+        down += step
+    return net, fits
+
+
 def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
                         console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
     """Transfer ``cfg.ckpt`` from level ``cfg.source`` to ``cfg.target``; returns the table rows."""
@@ -137,10 +169,12 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
     if src_down == tgt_down:
         raise MsnetError(f"--from {cfg.source} and --to {cfg.target} are the same level; nothing to transfer")
     op, sigma = cfg.operator, float(cfg.sigma)
+    stencils = check_stencil_transfer(str(cfg.get("stencils", "galerkin")))
     transferred = transfer_resolution(source, src_down - tgt_down, op)
     naive = _naive_reuse(source, transferred)
     target_data = level_data(data, tgt_down, op, sigma)
     tgt_size = target_data.image_size
+    fitted, fits = _fitted_transfer(source, data, src_down, tgt_down, cfg, stencils == "fit")
 
     rows: List[Dict[str, Any]] = []
 
@@ -149,6 +183,8 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
         rows.append({"method": method, **split_metrics(model, target_data, cfg.splits, cfg.batch_size, transform)})
 
     measure("stencil transfer", transferred)
+    if fitted is not None:
+        measure(f"stencil transfer, fitted on {fits[0].images} training images", fitted)
     measure("naive kernel reuse", naive)
     measure(f"resampled images -> {src_size[0]}x{src_size[1]}", source, lambda x: resample_images(x, src_size))
     if src_down > tgt_down:
@@ -167,6 +203,8 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
         measure("native (trained at target)", native_net)
 
     src_name, tgt_name = level_name(src_down), level_name(tgt_down)
+    if stencils == "fit":
+        transferred = fitted
     console.print(
         f"[bold]msnet transfer[/bold]  {ckpt['path']}  {src_name} {src_size[0]}x{src_size[1]} -> "
         f"{tgt_name} {tgt_size[0]}x{tgt_size[1]} ({data.name}, operator {op})"
@@ -193,7 +231,8 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
                 "resolution": list(transferred.spec.image_size),
                 "depth": transferred.depth(),
                 "level": tgt_name,
-                "transferred_from": {"checkpoint": ckpt["path"], "level": src_name, "operator": op},
+                "transferred_from": {"checkpoint": ckpt["path"], "level": src_name, "operator": op,
+                                     "stencils": stencils},
             },
         )
         run.write_config(cfg)
@@ -201,7 +240,8 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
         run.write_json("transfer.json", {
             "checkpoint": ckpt["path"], "source": src_name, "target": tgt_name,
             "source_resolution": list(src_size), "target_resolution": list(tgt_size),
-            "operator": op, "native": str(cfg.native) if cfg.native else None,
+            "operator": op, "stencils": stencils, "native": str(cfg.native) if cfg.native else None,
+            "stencil_fits": [f.to_dict() for f in fits],
             "transferred_checkpoint": str(out), "results": rows,
         })
         console.print(f"transferred checkpoint: {out}")

@@ -1,0 +1,153 @@
+"""Data-fitted stencil transfer (msnet.multigrid.datafit): least-squares optimality, exactness, real data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msnet import MsnetError
+from msnet.core import ModelSpec, StageSpec, build_model
+from msnet.data import prepare_data
+from msnet.multigrid import fit_transfer, get_transfer, transfer_resolution
+from msnet.train import train
+from msnet.train.loop import evaluate, train_epoch
+from msnet.train.schedule import build_schedule, level_data, prolong_level
+from msnet.train.setup import model_spec
+from msnet.train.updates import build_update
+
+from .conftest import needs_fashion
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def net(size=8, channels=3, layers=2, activation="tanh", residual="conv_act", integrator="euler", seed=0):
+    torch.manual_seed(seed)
+    spec = ModelSpec(1, 4, (size, size), [StageSpec(channels, layers, 1.0)], activation=activation,
+                     residual=residual, integrator=integrator)
+    return build_model(spec).double()
+
+
+def randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+@settings(max_examples=10, deadline=None)
+@given(channels=st.integers(1, 4), finer=st.booleans(), seed=st.integers(0, 10_000))
+def test_block_constant_images_keep_the_galerkin_opening(channels, finer, seed):
+    """On fine images P x_H the block pair's Galerkin opening layer is exact (R K_h P = K_H, R P = I), so the
+    least-squares fit, pulled towards it, returns it: to float64 round-off, in both directions."""
+    coarse = randomise(net(size=6, channels=channels), seed)
+    fine = transfer_resolution(coarse, 1, "constant")
+    pair = get_transfer("constant")
+    x_c = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x_f = pair.prolong(x_c)
+    source, target, xs, xt = (coarse, fine, x_c, x_f) if finer else (fine, transfer_resolution(fine, -1, "constant"),
+                                                                    x_f, x_c)
+    w0, b0 = target.opening.weight.clone(), target.opening.bias.clone()
+    fit_transfer(source, target, xs, xt, "constant")
+    assert torch.allclose(target.opening.weight, w0, atol=1e-9) and torch.allclose(target.opening.bias, b0, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["linear", "constant"])
+def test_every_fitted_layer_solves_its_normal_equations(op):
+    """Each fitted stencil minimises ||R(K y_h + b) - (K_H y_H + b_H)||^2 + ridge term at its own inputs:
+    the gradient of that objective (autograd, float64) vanishes, and the objective is below the Galerkin one."""
+    coarse = randomise(net(size=6, layers=2))
+    fine = transfer_resolution(coarse, 1, op)
+    galerkin = {k: v.clone() for k, v in fine.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    x_f = torch.rand(7, 1, 12, 12, generator=g, dtype=torch.float64)
+    pair = get_transfer(op)
+    x_c = pair.restrict(x_f)
+    ridge = 1e-3
+    fit_transfer(coarse, fine, x_c, x_f, op, ridge)
+    # each layer's inputs: both networks' own states (the fine one's with its fitted layers)
+    y_c, y_f = x_c, x_f
+    layers = [("opening.weight", "opening.bias", None)] + [(None, None, j) for j in range(2)]
+    for wname, bname, j in layers:
+        if j is None:
+            wc, bc, wf, bf = coarse.opening.weight, coarse.opening.bias, fine.opening.weight, fine.opening.bias
+            w0, b0 = galerkin[wname], galerkin[bname]
+        else:
+            pc, pf = coarse.blocks[0].params, fine.blocks[0].params
+            wc, bc, wf, bf = pc["K"][j], pc["b"][j], pf["K"][j], pf["b"][j]
+            w0, b0 = galerkin["blocks.0.params.K"][j], galerkin["blocks.0.params.b"][j]
+        z = F.conv2d(y_c, wc, bc, padding=1)
+        cols = F.unfold(y_f, 3, padding=1)
+        cols = torch.cat([cols.reshape(7, -1, 12, 12), torch.ones(7, 1, 12, 12, dtype=torch.float64)], 1)
+        scale = ridge * pair.restrict(cols).pow(2).sum(dim=(0, 2, 3)).mean()  # ridge * mean diag(A^T A)
+
+        def objective(w, b):
+            data = (pair.restrict(F.conv2d(y_f, w, b, padding=1)) - z).pow(2).sum()
+            return data + scale * ((w - w0).pow(2).sum() + (b - b0).pow(2).sum())
+
+        w = wf.detach().clone().requires_grad_()
+        b = bf.detach().clone().requires_grad_()
+        value = objective(w, b)
+        gw, gb = torch.autograd.grad(value, (w, b))
+        assert torch.cat([gw.flatten(), gb]).norm() < 1e-8 * (1 + value.item())
+        assert value.item() <= objective(w0, b0).item()
+        with torch.no_grad():
+            act = coarse.activation
+            if j is None:
+                y_c, y_f = act(z), act(F.conv2d(y_f, wf, bf, padding=1))
+            else:
+                h = coarse.blocks[0].h
+                y_c, y_f = y_c + h * act(z), y_f + h * act(F.conv2d(y_f, wf, bf, padding=1))
+
+
+def test_unsupported_models_and_settings_fail_in_one_line(compose_cfg):
+    spec = ModelSpec(1, 4, (8, 8), [StageSpec(4, 2, 1.0)], residual="preact_basic")
+    model = build_model(spec).double()
+    with pytest.raises(MsnetError, match="needs model.residual=conv_act"):
+        fit_transfer(model, transfer_resolution(model, 1, "constant"), torch.rand(2, 1, 8, 8).double(),
+                     torch.rand(2, 1, 16, 16).double(), "constant")
+    for bad, msg in [("pyramid.stencils=exact", "unknown stencil transfer 'exact'; choose one of: galerkin, fit"),
+                     ("pyramid.fit_images=0", "pyramid.fit_images must be at least 1")]:
+        cfg = compose_cfg("train", ["+pyramid=2level_block", bad])
+        with pytest.raises(MsnetError, match=msg):
+            build_schedule(cfg, (28, 28), 1)
+
+
+def test_fit_runs_through_the_trainer_and_is_recorded(tiny_cfg, tmp_path):
+    """+pyramid=2level_block fits its stencils at the prolongation and says so in summary.json."""
+    cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level_block", "pyramid.epochs=[1,1]", "pyramid.fit_images=64"])
+    assert cfg.pyramid.stencils == "fit"
+    summary = train(cfg, tmp_path / "run")
+    fine = summary["levels"][-1]
+    fit = fine["stencil_fit"]
+    assert fine["level"] == "fine" and fit["images"] == 64 and fit["stencils"] == 1 + 2
+    assert fit["mismatch_fit"] < fit["mismatch_galerkin"]
+    assert "stencil_fit" not in summary["levels"][0]
+
+
+@needs_fashion
+@pytest.mark.parametrize("op,sigma", [("constant", 0.0), ("linear", 1.0)])
+def test_fit_recovers_most_of_the_prolongation_drop_on_fashion_mnist(fashion_cfg, op, sigma):
+    """A net trained on 14x14 Fashion-MNIST, prolonged to 28x28: the Galerkin stencils lose accuracy, the fitted
+    ones (256 training images) keep most of it, and they agree better with the coarse net on the coarse grid."""
+    cfg = fashion_cfg(["dataset.train_subset=6000", "model.layers=4", "+pyramid=2level", f"pyramid.operator={op}",
+                       f"pyramid.sigma={sigma}", "pyramid.stencils=fit"])
+    data = prepare_data(cfg.dataset, torch.device("cpu"), torch.float32)
+    torch.manual_seed(1)
+    coarse = transfer_resolution(build_model(model_spec(cfg.model, data)), -1, op)
+    d = level_data(data, 1, op, sigma)
+    update = build_update(coarse, cfg, cfg.optimizer, 8, None)  # trained long enough for Galerkin to lose 3-8 points
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        train_epoch(coarse, update, d.x_train, d.y_train, 128, g)
+        update.end_epoch()
+    acc_coarse = evaluate(coarse, d.x_val, d.y_val)["acc"]
+    acc_galerkin = evaluate(transfer_resolution(coarse, 1, op), data.x_val, data.y_val)["acc"]
+    fitted, report = prolong_level(coarse, d, data, 1, cfg.pyramid, 0)
+    acc_fit = evaluate(fitted, data.x_val, data.y_val)["acc"]
+    assert report.images == 256 and report.mismatch_fit < report.mismatch_galerkin
+    assert acc_fit > acc_galerkin + 0.02, (acc_coarse, acc_galerkin, acc_fit)
+    assert acc_fit > acc_coarse - 0.015, (acc_coarse, acc_galerkin, acc_fit)
