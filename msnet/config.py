@@ -117,7 +117,7 @@ class PyramidConfig:
 
     levels: int = 2
     epochs: List[int] = field(default_factory=lambda: [2, 1])
-    lr: Optional[List[float]] = None  # per level; null: optimizer.lr on every level
+    lr: Optional[List[Optional[float]]] = None  # per level (null entries: optimizer.lr); null: optimizer.lr on every level
     operator: str = "linear"  # image/stencil transfer (msnet.multigrid.TRANSFERS)
     sigma: float = 1.0  # Gaussian smoothing (fine pixels) before each restriction of the images
     stencils: str = "galerkin"  # galerkin (the paper's) | fit: Galerkin refitted on sample images (multigrid.datafit)

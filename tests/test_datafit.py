@@ -151,3 +151,15 @@ def test_fit_recovers_most_of_the_prolongation_drop_on_fashion_mnist(fashion_cfg
     assert report.images == 256 and report.mismatch_fit < report.mismatch_galerkin
     assert acc_fit > acc_galerkin + 0.02, (acc_coarse, acc_galerkin, acc_fit)
     assert acc_fit > acc_coarse - 0.015, (acc_coarse, acc_galerkin, acc_fit)
+
+
+def test_the_block_pairs_galerkin_prolongation_oscillates():
+    """The module docstring's example: the box stencil prolongs to [[4,-2,4],[-2,1,-2],[4,-2,4]], gain 25 on the
+    checkerboard against the box's 1, which is what the fit trades against data consistency."""
+    from msnet.multigrid import prolong_stencil
+
+    box = torch.ones(3, 3, dtype=torch.float64)
+    fine = prolong_stencil(box, "constant")
+    assert torch.allclose(fine, torch.tensor([[4.0, -2, 4], [-2, 1, -2], [4, -2, 4]], dtype=torch.float64), atol=1e-12)
+    checker = torch.tensor([[1.0, -1, 1], [-1, 1, -1], [1, -1, 1]], dtype=torch.float64)
+    assert (fine * checker).sum().item() == pytest.approx(25.0) and (box * checker).sum().item() == pytest.approx(1.0)

@@ -118,6 +118,9 @@ def test_block_pyramid_trains_on_block_averages(compose_cfg, tiny_cfg, tmp_path)
     """+pyramid=2level_block: coarse images are exactly the 2x2 block averages, the identity stencil moves unchanged."""
     cfg = compose_cfg("train", ["+pyramid=2level_block"])
     assert (cfg.pyramid.operator, cfg.pyramid.sigma, list(cfg.pyramid.epochs)) == ("constant", 0.0, [5, 5])
+    assert (cfg.pyramid.stencils, list(cfg.pyramid.lr)) == ("fit", [None, 5e-4])
+    # a null entry keeps optimizer.lr on that level
+    assert [lv.lr for lv in build_schedule(cfg, (28, 28), 1)] == [None, 5e-4]
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     coarse = restrict_images(x, 1, cfg.pyramid.operator, cfg.pyramid.sigma)
     assert torch.allclose(coarse, x.view(3, 1, 8, 2, 8, 2).mean(dim=(3, 5)), rtol=0, atol=1e-15)
@@ -129,6 +132,8 @@ def test_block_pyramid_trains_on_block_averages(compose_cfg, tiny_cfg, tmp_path)
     summary = train(run, tmp_path / "run")
     assert [(lv["level"], lv["resolution"]) for lv in summary["levels"]] == [("coarse", "8x8"), ("fine", "16x16")]
     assert summary["final_test_acc"] > 0.5  # 4 classes
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    assert lrs == [run.optimizer.lr, 5e-4]  # each level's first (and only) epoch
 
 
 def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, fail_epoch):
