@@ -8,8 +8,9 @@ BCD included: ``experiment=bcd_fashion``):
 * pyramid: ``msnet train +pyramid=2level OVERRIDES`` (``--pyramid 3level`` for three levels):
   its per-level epochs (default [2, 1]: 2 epochs on images restricted once by Gaussian
   smoothing and R, then 1 at full resolution) and learning rates, the stencils and
-  classifier prolonged between levels (msnet.multigrid), a fresh update rule (and lr
-  schedule) per level, as the trainer does;
+  classifier prolonged between levels (msnet.multigrid; with ``pyramid.stencils=fit``, as in
+  ``2level_block``, the stencils refitted on sample images, timed as training), a fresh update
+  rule (and lr schedule) per level, as the trainer does;
 * single: ``msnet train OVERRIDES`` at full resolution for as many epochs as the pyramid has
   in all levels (the same epoch budget; ``--epochs`` changes it).
 
