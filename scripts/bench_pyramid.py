@@ -91,9 +91,10 @@ def pyramid_run(cfg, levels, data, evals, trace, clock):
     g = torch.Generator().manual_seed(int(cfg.seed))
     op, sigma = cfg.pyramid.operator, float(cfg.pyramid.sigma)
     model = transfer_resolution(new_model(cfg, data), -levels[0].down, op)
+    d = None
     for i, lv in enumerate(levels):
+        d_src, d = d, level_data(data, lv.down, op, sigma)
         if i:
-            d, d_src = level_data(data, lv.down, op, sigma), level_data(data, levels[i - 1].down, op, sigma)
             t0 = time.perf_counter()  # the move (and the stencil fit, with pyramid.stencils=fit) counts as training time
             model, _ = prolong_level(model, d_src, d, levels[i - 1].down - lv.down, cfg.pyramid, int(cfg.seed))
             clock[0] += time.perf_counter() - t0
@@ -102,8 +103,7 @@ def pyramid_run(cfg, levels, data, evals, trace, clock):
                           "epoch": 0})
         opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
         start = len(trace)
-        model = yield from run_level(model, cfg, opt_cfg, level_data(data, lv.down, op, sigma), lv.epochs, evals, g,
-                                     trace, clock, lv.name)
+        model = yield from run_level(model, cfg, opt_cfg, d, lv.epochs, evals, g, trace, clock, lv.name)
         for r in trace[start:]:
             r["down"] = lv.down
 

@@ -23,10 +23,10 @@ from .conftest import needs_fashion
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def net(size=8, channels=3, layers=2, activation="tanh", residual="conv_act", integrator="euler", seed=0):
+def net(size=8, channels=3, layers=2, activation="tanh", residual="conv_act", seed=0):
     torch.manual_seed(seed)
     spec = ModelSpec(1, 4, (size, size), [StageSpec(channels, layers, 1.0)], activation=activation,
-                     residual=residual, integrator=integrator)
+                     residual=residual)
     return build_model(spec).double()
 
 
@@ -104,8 +104,7 @@ def test_every_fitted_layer_solves_its_normal_equations(op):
 
 
 def test_unsupported_models_and_settings_fail_in_one_line(compose_cfg):
-    spec = ModelSpec(1, 4, (8, 8), [StageSpec(4, 2, 1.0)], residual="preact_basic")
-    model = build_model(spec).double()
+    model = net(channels=4, residual="preact_basic")
     with pytest.raises(MsnetError, match="needs model.residual=conv_act"):
         fit_transfer(model, transfer_resolution(model, 1, "constant"), torch.rand(2, 1, 8, 8).double(),
                      torch.rand(2, 1, 16, 16).double(), "constant")

@@ -177,11 +177,11 @@ def fit_transfer(
             for s, block in enumerate(target.blocks):
                 block.probe = probe_for(s)
             try:
-                target.features(x_target)
+                # each step is fitted before it is evaluated, so this is the fitted network's output
+                after = mismatch(src_feat, target.features(x_target))
             finally:
                 for block in target.blocks:
                     block.probe = None
-            after = mismatch(src_feat, target.features(x_target))
     finally:
         source.train(modes[0])
         target.train(modes[1])

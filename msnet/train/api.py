@@ -129,7 +129,7 @@ def _train(
         ``replay``: only the shapes matter (a resumed run loads its weights next), so no data fit.
         """
         if src.down != dst.down:
-            if replay or not cfg.get("pyramid"):
+            if replay:
                 net = transfer_resolution(net, src.down - dst.down, op)
             else:
                 net, fit = prolong_level(net, data_at(src.down), data_at(dst.down), src.down - dst.down,
