@@ -52,7 +52,7 @@ from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.train.loop import evaluate, train_epoch
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import build_schedule, level_data, prolong_level
+from msnet.train.schedule import build_schedule, check_stencil_fit, level_data, prolong_level
 from msnet.train.setup import model_spec, resolve_dtype, set_seed
 from msnet.train.updates import build_update
 
@@ -184,6 +184,7 @@ def main() -> None:
     cfg = compose_config(base)
     data = prepare_data(cfg.dataset, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
     levels = build_schedule(cfg, data.image_size, len(model_spec(cfg.model, data).stages))
+    check_stencil_fit(cfg, new_model(cfg, data))
     epochs = args.epochs or sum(lv.epochs for lv in levels)
     console = RunConsole()
     h, w = data.image_size

@@ -103,11 +103,16 @@ def test_every_fitted_layer_solves_its_normal_equations(op):
                 y_c, y_f = y_c + h * act(z), y_f + h * act(F.conv2d(y_f, wf, bf, padding=1))
 
 
-def test_unsupported_models_and_settings_fail_in_one_line(compose_cfg):
+def test_unsupported_models_and_settings_fail_in_one_line(compose_cfg, tiny_cfg, tmp_path):
     model = net(channels=4, residual="preact_basic")
     with pytest.raises(MsnetError, match="needs model.residual=conv_act"):
         fit_transfer(model, transfer_resolution(model, 1, "constant"), torch.rand(2, 1, 8, 8).double(),
                      torch.rand(2, 1, 16, 16).double(), "constant")
+    # in training it fails at start, before any coarse epoch, naming the key to change
+    cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level_block", "model.residual=preact_basic"])
+    with pytest.raises(MsnetError, match="use pyramid.stencils=galerkin for this model") as err:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(err.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
     for bad, msg in [("pyramid.stencils=exact", "unknown stencil transfer 'exact'; choose one of: galerkin, fit"),
                      ("pyramid.fit_images=0", "pyramid.fit_images must be at least 1")]:
         cfg = compose_cfg("train", ["+pyramid=2level_block", bad])

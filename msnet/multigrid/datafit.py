@@ -70,13 +70,16 @@ def check_stencil_transfer(name: str) -> str:
     return name
 
 
-def check_fittable(model: ODEResNet) -> None:
-    """Raise :class:`MsnetError` unless ``model`` has the residual and integrator the fit needs."""
+def check_fittable(model: ODEResNet, key: str = "stencils") -> None:
+    """Raise :class:`MsnetError` unless ``model`` has the residual and integrator the fit needs.
+
+    ``key`` is the config key the error names as the fix (``pyramid.stencils`` for training).
+    """
     spec = model.spec
     if spec.residual != "conv_act" or any(uses_scheme(b.integrator) for b in model.blocks):
         raise MsnetError(
             f"the data-fitted stencil transfer needs model.residual=conv_act with an explicit integrator, got "
-            f"{spec.residual} with {spec.integrator}; use the Galerkin transfer (galerkin) for this model"
+            f"{spec.residual} with {spec.integrator}; use {key}=galerkin for this model"
         )
 
 

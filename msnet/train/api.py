@@ -17,7 +17,7 @@ from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
 from msnet.multigrid import transfer_depth, transfer_resolution
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import Level, build_schedule, level_data, prolong_level
+from msnet.train.schedule import Level, build_schedule, check_stencil_fit, level_data, prolong_level
 from msnet.train.updates import UpdateRule, build_update
 from msnet.train import distributed, speed
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
@@ -149,6 +149,7 @@ def _train(
         for stage in native_spec.stages:
             stage.layers = schedule[0].layers
     model = build_model(native_spec).to(device=device, dtype=dtype)
+    check_stencil_fit(cfg, model)
     if schedule[0].down:
         # Built at native size for identical random draws, then moved to the coarsest grid.
         model = transfer_resolution(model, -schedule[0].down, op)

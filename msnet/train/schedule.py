@@ -23,6 +23,7 @@ import torch
 from msnet import MsnetError
 from msnet.data import DataBundle
 from msnet.multigrid import TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, restrict_images, transfer_resolution
+from msnet.multigrid.datafit import check_fittable
 
 LEVEL_NAMES = ("fine", "coarse", "coarser")
 
@@ -209,6 +210,13 @@ def data_for_size(data: DataBundle, size: Tuple[int, int], config: Any, what: st
         )
     op, sigma = transfer_settings(config)
     return level_data(data, k, op, sigma)
+
+
+def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:
+    """Fail at start, in one line, if ``pyramid.stencils=fit`` is asked of a model the fit does not support."""
+    pyramid = cfg.get("pyramid")
+    if pyramid is not None and pyramid.get("stencils") == "fit" and int(pyramid.levels) > 1:
+        check_fittable(model, "pyramid.stencils")
 
 
 def prolong_level(
