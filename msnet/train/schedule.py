@@ -219,6 +219,12 @@ def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:
         check_fittable(model, "pyramid.stencils")
 
 
+def fit_sample(n_train: int, settings: Any, seed: int) -> torch.Tensor:
+    """Indices of the ``settings.fit_images`` training images the stencil fit uses (all, if fewer), drawn with ``seed``."""
+    n = min(int(settings.get("fit_images", 256)), n_train)
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def prolong_level(
     model: torch.nn.Module, src: DataBundle, dst: DataBundle, levels: int, pyramid: Any, seed: int,
 ) -> Tuple[torch.nn.Module, Optional[FitReport]]:
@@ -236,8 +242,7 @@ def prolong_level(
         return transfer_resolution(model, levels, op), None
     if abs(levels) != 1:
         raise MsnetError("the data-fitted stencil transfer moves one level at a time")
-    n = min(int(pyramid.get("fit_images", 256)), src.x_train.shape[0])
-    idx = torch.randperm(src.x_train.shape[0], generator=torch.Generator().manual_seed(seed))[:n].to(src.x_train.device)
+    idx = fit_sample(src.x_train.shape[0], pyramid, seed).to(src.x_train.device)
     moved = transfer_resolution(model, levels, op)
     report = fit_transfer(model, moved, src.x_train[idx], dst.x_train[idx], op, float(pyramid.get("fit_ridge", 1e-3)))
     return moved, report

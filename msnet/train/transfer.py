@@ -36,14 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import resolve_device
 from msnet.data import prepare_data
-from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, gaussian_blur,
-                             resample_images, transfer_depth, transfer_resolution)
+from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, fit_transfer, gaussian_blur,
+                             resample_images, restrict_images, transfer_depth, transfer_resolution)
 from msnet.multigrid.datafit import check_fittable
 from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
 from msnet.runs.display import records_table
 from msnet.train.api import load_network
 from msnet.train.loop import evaluate
-from msnet.train.schedule import data_for_size, level_data, level_name, parse_level, prolong_level
+from msnet.train.schedule import data_for_size, fit_sample, level_data, level_name, parse_level
 from msnet.train.setup import resolve_dtype
 
 
@@ -125,17 +125,17 @@ def _fitted_transfer(source: torch.nn.Module, data: Any, src_down: int, tgt_down
         if required:
             raise
         return None, []
-    step = -1 if src_down > tgt_down else 1
-    net, fits, down = source, [], src_down
-    settings = {"operator": cfg.operator, "stencils": "fit", "fit_images": cfg.fit_images, "fit_ridge": cfg.fit_ridge}
     if int(cfg.fit_images) < 1:
         raise MsnetError(f"fit_images must be at least 1, got {cfg.fit_images}")
+    # only the sample is restricted, level by level (as level_data would restrict it)
+    x = data.x_train[fit_sample(data.x_train.shape[0], cfg, 0).to(data.x_train.device)]
+    step = -1 if src_down > tgt_down else 1
+    net, fits, down = source, [], src_down
     while down != tgt_down:
-        here = level_data(data, down, cfg.operator, float(cfg.sigma))
-        there = level_data(data, down + step, cfg.operator, float(cfg.sigma))
-        net, report = prolong_level(net, here, there, -step, settings, 0)
-        fits.append(report)
-        down += step
+        moved = transfer_resolution(net, -step, cfg.operator)
+        here, there = (restrict_images(x, k, cfg.operator, float(cfg.sigma)) for k in (down, down + step))
+        fits.append(fit_transfer(net, moved, here, there, cfg.operator, float(cfg.fit_ridge)))
+        net, down = moved, down + step
     return net, fits
 
 
