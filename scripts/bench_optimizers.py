@@ -34,12 +34,12 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 from msnet.config import compose_config
-from msnet.core import build_model, resolve_device
+from msnet.core import build_model, resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
 from msnet.train.loop import evaluate, train_epoch
 from msnet.train.regularizers import build_regularizer
-from msnet.train.setup import model_spec, resolve_dtype, set_seed
+from msnet.train.setup import model_spec, set_seed
 from msnet.train.updates import build_update
 
 METHODS = {

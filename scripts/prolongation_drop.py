@@ -25,15 +25,16 @@ from hydra.errors import HydraException
 
 from msnet import MsnetError
 from msnet.config import compose_config
-from msnet.core import build_model, resolve_device
+from msnet.core import build_model, resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.multigrid import get_transfer, transfer_resolution
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.train.loop import evaluate, train_epoch
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import level_data, prolong_level
-from msnet.train.setup import model_spec, resolve_dtype, set_seed
+from msnet.multigrid import level_data
+from msnet.train.schedule import prolong_level
+from msnet.train.setup import model_spec, set_seed
 from msnet.train.updates import build_update
 
 

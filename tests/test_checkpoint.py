@@ -82,3 +82,57 @@ def test_loading_refuses_pickled_code(tmp_path):
     torch.save({"format": "msnet-checkpoint/1", "x": Evil()}, path)
     with pytest.raises(MsnetError, match="weights_only=True"):
         load_checkpoint(path)
+
+
+def test_documented_keys_are_what_train_and_transfer_write(tiny_cfg, compose_cfg, tmp_path):
+    """runs.checkpoint.KEYS lists every key a written checkpoint holds, and each key is written by someone."""
+    from msnet.runs import KEYS
+    from msnet.runs.checkpoint import checkpoint_keys
+    from msnet.tasks.transfer import transfer_checkpoint
+    from msnet.train import train
+
+    written = {}
+    for name, over in {
+        "first-order": [],
+        "bcd": ["optimizer=bcd", "optimizer.cg_iters=2", "optimizer.classifier_steps=1"],
+        "mgopt": ["trainer=mgopt", "model.layers=4", "trainer.coarse_steps=1"],
+    }.items():
+        train(tiny_cfg(over + ["trainer.epochs=1", "threads=1"]), tmp_path / name)
+        written[name] = load_checkpoint(tmp_path / name)
+    tcfg = compose_cfg("transfer", [f"ckpt={tmp_path / 'first-order'}", "source=fine", "target=coarse", "device=cpu"])
+    transfer_checkpoint(tcfg, tmp_path / "moved")
+    written["transfer"] = load_checkpoint(tmp_path / "moved" / "checkpoints" / "transferred.pt")
+
+    for name, ck in written.items():
+        undocumented = set(checkpoint_keys(ck)) - set(KEYS)
+        assert not undocumented, f"{name} writes keys runs.checkpoint.KEYS does not document: {undocumented}"
+    unwritten = set(KEYS) - {k for ck in written.values() for k in checkpoint_keys(ck)}
+    assert not unwritten, f"KEYS documents keys nothing writes: {unwritten}"
+    assert written["bcd"]["bcd"]["iterations"] > 0 and written["mgopt"]["mgopt"]["levels"]
+    assert written["transfer"]["transferred_from"]["level"] == "fine" and written["transfer"]["level"] == "coarse"
+    assert written["transfer"]["config"]["level"] == "coarse" and written["transfer"]["resolution"] == [4, 4]
+
+
+def test_make_payload_refuses_undocumented_rule_state():
+    from msnet.runs import make_payload
+
+    spec, model, _ = payload()
+    with pytest.raises(ValueError, match="not in the checkpoint format"):
+        make_payload(model, {"seed": 0}, epoch=0, level="fine", rule_state={"optimizer": None, "lbfgs": {}})
+
+
+def test_restore_rebuilds_on_the_saved_dtype_and_honours_threads(tmp_path):
+    from msnet.runs import make_payload, restore
+
+    spec, model, _ = payload()
+    model = model.double()
+    save_checkpoint(tmp_path / "last.pt", make_payload(model, {"dtype": "float64"}, epoch=1, level="fine"))
+    threads = torch.get_num_threads()
+    try:
+        r = restore(tmp_path / "last.pt", "cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    assert r.dtype == torch.float64 and r.device == torch.device("cpu")
+    torch.testing.assert_close(r.model(x), model(x), rtol=0, atol=0)

@@ -14,7 +14,8 @@ from msnet.data import prepare_data
 from msnet.multigrid import fit_transfer, get_transfer, transfer_resolution
 from msnet.train import train
 from msnet.train.loop import evaluate, train_epoch
-from msnet.train.schedule import build_schedule, level_data, prolong_level
+from msnet.multigrid import level_data
+from msnet.train.schedule import build_schedule, prolong_level
 from msnet.train.setup import model_spec
 from msnet.train.updates import build_update
 

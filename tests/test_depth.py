@@ -18,7 +18,7 @@ from msnet.multigrid.time import (
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import train
 from msnet.train.schedule import build_schedule, depth_levels
-from msnet.train.transfer import transfer_checkpoint
+from msnet.tasks.transfer import transfer_checkpoint
 
 EXACT_PAIRS = [("linear", "injection"), ("constant", "injection"), ("constant", "average")]
 

@@ -15,7 +15,8 @@ from msnet.multigrid.space import prolong_stencil, restrict_stencil
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import train
 from msnet.train.regularizers import build_regularizer, classifier_smoothness, time_smoothness
-from msnet.train.schedule import build_schedule, parse_level
+from msnet.multigrid import parse_level
+from msnet.train.schedule import build_schedule
 
 TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
 

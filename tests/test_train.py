@@ -10,7 +10,7 @@ import torch
 from msnet import MsnetError
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import train
-from msnet.train.evaluation import evaluate_checkpoint
+from msnet.tasks.evaluate import evaluate_checkpoint
 from msnet.train.loop import NonFiniteLoss
 
 from .conftest import needs_fashion

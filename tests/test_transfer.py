@@ -10,8 +10,8 @@ from msnet import MsnetError
 from msnet.cli import rewrite
 from msnet.runs import load_checkpoint
 from msnet.train import train
-from msnet.train.evaluation import evaluate_checkpoint
-from msnet.train.transfer import find_latest_run, transfer_checkpoint
+from msnet.tasks.evaluate import evaluate_checkpoint
+from msnet.tasks.transfer import find_latest_run, transfer_checkpoint
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_source_smoothing_matches_the_levels_restriction():
     import torch
 
     from msnet.multigrid import get_transfer, restrict_images
-    from msnet.train.transfer import source_smoothing
+    from msnet.tasks.transfer import source_smoothing
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 2, 32, 32, generator=g, dtype=torch.float64)

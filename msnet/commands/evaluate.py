@@ -1,4 +1,4 @@
-"""``msnet evaluate ckpt=PATH``: wires the config to :func:`msnet.train.evaluation.evaluate_checkpoint`."""
+"""``msnet evaluate ckpt=PATH``: wires the config to :func:`msnet.tasks.evaluate.evaluate_checkpoint`."""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +11,6 @@ from msnet.commands import CONFIG_PATH, errors_as_lines
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with errors_as_lines(run_dir):
-        from msnet.train.evaluation import evaluate_checkpoint
+        from msnet.tasks.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(cfg, run_dir)

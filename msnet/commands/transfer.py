@@ -1,4 +1,4 @@
-"""``msnet transfer --from coarse --to fine ckpt=PATH``: wires the config to :func:`msnet.train.transfer.transfer_checkpoint`."""
+"""``msnet transfer --from coarse --to fine ckpt=PATH``: wires the config to :func:`msnet.tasks.transfer.transfer_checkpoint`."""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +11,6 @@ from msnet.commands import CONFIG_PATH, errors_as_lines
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with errors_as_lines(run_dir):
-        from msnet.train.transfer import transfer_checkpoint
+        from msnet.tasks.transfer import transfer_checkpoint
 
         transfer_checkpoint(cfg, run_dir)

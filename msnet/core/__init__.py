@@ -1,7 +1,7 @@
 """The ODE-ResNet core: residual functions, integrators, the network. No Hydra, no file I/O."""
 
 from msnet.core.activations import ACTIVATIONS
-from msnet.core.device import resolve_device
+from msnet.core.device import resolve_device, resolve_dtype
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, ExplicitRungeKutta
 from msnet.core.multistep import LinearMultistep
 from msnet.core.network import (
@@ -14,6 +14,6 @@ __all__ = [
     "ACTIVATIONS", "INTEGRATORS", "RESIDUALS", "CLASSIFIERS",
     "AbstractIntegrator", "AbstractResidual", "ExplicitRungeKutta",
     "ModelSpec", "StageSpec", "StochasticDepth", "ODEBlock", "ODEResNet", "LinearMultistep",
-    "build_model", "count_parameters", "resolve_device",
+    "build_model", "count_parameters", "resolve_device", "resolve_dtype",
     "ReversibleScheme", "odeint_scheme",
 ]

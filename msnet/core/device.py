@@ -1,4 +1,4 @@
-"""Choice of compute device."""
+"""Choice of compute device and floating-point type."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def resolve_device(name: str) -> torch.device:
             raise MsnetError(f"device={name} but no CUDA GPU is visible; use device=auto or device=cpu")
         return torch.device(name)
     raise MsnetError(f"unknown device {name!r}; use device=auto, device=cpu or device=cuda")
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``float32`` or ``float64``."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise MsnetError(f"unknown dtype {name!r}; use dtype=float32 or dtype=float64") from None

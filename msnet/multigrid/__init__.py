@@ -15,3 +15,7 @@ __all__ += ["gaussian_blur", "resample_images", "restrict_images", "transfer_dep
 from msnet.multigrid.datafit import STENCIL_TRANSFERS, FitReport, check_stencil_transfer, fit_transfer
 
 __all__ += ["STENCIL_TRANSFERS", "FitReport", "check_stencil_transfer", "fit_transfer"]
+
+from msnet.multigrid.levels import LEVEL_NAMES, data_for_size, level_data, level_name, parse_level
+
+__all__ += ["LEVEL_NAMES", "data_for_size", "level_data", "level_name", "parse_level"]

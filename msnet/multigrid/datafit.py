@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -190,3 +190,9 @@ def fit_transfer(
         target.train(modes[1])
     return FitReport(images=int(x_source.shape[0]), stencils=1 + len(fitted), seconds=time.perf_counter() - t0,
                      mismatch_galerkin=before, mismatch_fit=after)
+
+
+def fit_sample(n_train: int, settings: Any, seed: int) -> torch.Tensor:
+    """Indices of the ``settings.fit_images`` training images the stencil fit uses (all, if fewer), drawn with ``seed``."""
+    n = min(int(settings.get("fit_images", 256)), n_train)
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:n]

@@ -12,12 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, build_model, count_parameters, resolve_device
 from msnet.data import prepare_data
-from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
+from msnet.runs import RunConsole, RunDir, load_checkpoint, make_payload, save_checkpoint
+from msnet.runs.checkpoint import load_model_state, saved_spec
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.train.loop import NonFiniteLoss, evaluate, train_epoch
-from msnet.multigrid import transfer_depth, transfer_resolution
+from msnet.multigrid import level_data, transfer_depth, transfer_resolution
 from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import Level, build_schedule, check_stencil_fit, level_data, prolong_level
+from msnet.train.schedule import Level, build_schedule, check_stencil_fit, prolong_level
 from msnet.train.updates import UpdateRule, build_update
 from msnet.train import distributed, speed
 from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
@@ -39,29 +40,6 @@ def _restore_rng(state: Dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_model_state(model: torch.nn.Module, ckpt: Dict[str, Any]) -> None:
-    """Load a checkpoint's weights; a mismatch is one :class:`MsnetError` line."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:160]
-        raise MsnetError(
-            f"checkpoint {ckpt.get('path')} does not fit this model ({detail}); "
-            "rebuild the model from the checkpoint (drop model overrides) or start a new run"
-        ) from None
-
-
-def load_network(ckpt: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Rebuild the network a checkpoint describes (spec and weights); damage is one :class:`MsnetError` line."""
-    try:
-        spec = ModelSpec.from_dict(ckpt["model_spec"])
-    except TypeError as err:
-        raise MsnetError(f"checkpoint {ckpt['path']} has a damaged model_spec ({err}); use another checkpoint") from None
-    model = build_model(spec).to(device=device, dtype=dtype)
-    load_model_state(model, ckpt)
-    return model
 
 
 def train(
@@ -155,7 +133,7 @@ def _train(
         model = transfer_resolution(model, -schedule[0].down, op)
     if cfg.get("init") and ckpt is None:
         warm = load_checkpoint(cfg.init)
-        saved = ModelSpec.from_dict(warm["model_spec"])
+        saved = saved_spec(warm)
         if saved != model.spec:
             raise MsnetError(
                 f"init={warm['path']} holds a different model than this run starts with "
@@ -172,7 +150,7 @@ def _train(
             raise MsnetError(f"checkpoint {ckpt['path']} is at level {start_level}, beyond this schedule; start a new run")
         for a, b in zip(schedule[:start_level], schedule[1 : start_level + 1]):
             model = move(model, a, b, replay=True)
-        saved = ModelSpec.from_dict(ckpt["model_spec"])
+        saved = saved_spec(ckpt)
         if saved != model.spec:
             raise MsnetError(
                 f"checkpoint {ckpt['path']} holds a different model ({_spec_diff(saved, model.spec)}); "
@@ -223,25 +201,10 @@ def _train(
         if not env.is_main:
             return  # ranks > 0 hold the same weights; rank 0's file is the run's
         lv = schedule[li]
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model_spec": model.spec.to_dict(),
-                "model": model.state_dict(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "epoch": epoch,
-                **update.state_dict(),
-                "rng": _rng_state(generator),
-                "history": history,
-                "resolution": list(model.spec.image_size),
-                "depth": model.depth(),
-                "level": lv.name,
-                "level_index": li,
-                "level_epoch": level_epoch,
-                "levels": level_summaries,
-                "schedule": [x.to_dict() for x in schedule],
-            },
-        )
+        save_checkpoint(ckpt_path, make_payload(
+            model, cfg, epoch=epoch, level=lv.name, rule_state=update.state_dict(), rng=_rng_state(generator),
+            history=history, position=(li, level_epoch), levels=level_summaries,
+            schedule=[x.to_dict() for x in schedule]))
 
     try:
         with console.progress(bool(cfg.trainer.progress)) as progress:

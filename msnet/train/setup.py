@@ -10,13 +10,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from msnet import MsnetError
-from msnet.core import ACTIVATIONS, INTEGRATORS, RESIDUALS, CLASSIFIERS, ModelSpec, StageSpec, StochasticDepth
+from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth,
+                         resolve_dtype)
 from msnet.core.network import check_connective, check_p_last
 from msnet.core.reversible import check_scheme
 from msnet.data import DATASETS, DataBundle
 from msnet.train.optim import OPTIMIZERS, SCHEDULERS
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def set_seed(seed: int) -> None:
@@ -24,14 +23,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """``float32`` or ``float64``."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise MsnetError(f"unknown dtype {name!r}; use dtype=float32 or dtype=float64") from None
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -31,20 +31,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from msnet import MsnetError
-from msnet.core import resolve_device
 from msnet.data import prepare_data
-from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, fit_transfer, gaussian_blur,
-                             resample_images, restrict_images, transfer_depth, transfer_resolution)
-from msnet.multigrid.datafit import check_fittable
-from msnet.runs import RunConsole, RunDir, load_checkpoint, save_checkpoint
+from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, data_for_size, fit_transfer,
+                             gaussian_blur, level_data, level_name, parse_level, resample_images, restrict_images,
+                             transfer_depth, transfer_resolution)
+from msnet.multigrid.datafit import check_fittable, fit_sample
+from msnet.runs import Restored, RunConsole, RunDir, make_payload, restore, save_checkpoint
 from msnet.runs.display import records_table
-from msnet.train.api import load_network
 from msnet.train.loop import evaluate
-from msnet.train.schedule import data_for_size, fit_sample, level_data, level_name, parse_level
-from msnet.train.setup import resolve_dtype
 
 
 def find_latest_run(outputs: str | Path, level: str) -> Path:
@@ -151,19 +148,16 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
     if ckpt_path is None:
         ckpt_path = find_latest_run(cfg.outputs, cfg.source)
         console.print(f"using the latest run trained at level {cfg.source}: {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
-    saved = OmegaConf.create(ckpt["config"])
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(saved.get("dtype", "float32"))
-    data = prepare_data(saved.dataset, device, dtype)
+    src = restore(ckpt_path, cfg.device, cfg.get("threads"))
+    source = src.model
+    data = prepare_data(src.config.dataset, src.device, src.dtype)
     native = data.image_size
     src_down, tgt_down = parse_level(cfg.source, native), parse_level(cfg.target, native)
-    source = load_network(ckpt, device, dtype)
     src_size = (native[0] >> src_down, native[1] >> src_down)
     if tuple(source.spec.image_size) != src_size:
         at = source.spec.image_size
         raise MsnetError(
-            f"checkpoint {ckpt['path']} is at {at[0]}x{at[1]}, not at --from {cfg.source} "
+            f"checkpoint {src.path} is at {at[0]}x{at[1]}, not at --from {cfg.source} "
             f"({src_size[0]}x{src_size[1]}); pass the level it was trained at or another checkpoint"
         )
     if src_down == tgt_down:
@@ -192,61 +186,54 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
         measure("stencil transfer, smoothed images", transferred, smooth)
         measure("naive kernel reuse, smoothed images", naive, smooth)
     if cfg.native:
-        nck = load_checkpoint(cfg.native)
-        native_net = load_network(nck, device, dtype)
-        if tuple(native_net.spec.image_size) != tgt_size:
-            at = native_net.spec.image_size
+        native_net = restore(cfg.native, cfg.device)
+        if tuple(native_net.model.spec.image_size) != tgt_size:
+            at = native_net.model.spec.image_size
             raise MsnetError(
-                f"native={nck['path']} is at {at[0]}x{at[1]}, not at the target level "
+                f"native={native_net.path} is at {at[0]}x{at[1]}, not at the target level "
                 f"{cfg.target} ({tgt_size[0]}x{tgt_size[1]}); pass a checkpoint trained at level={cfg.target}"
             )
-        measure("native (trained at target)", native_net)
+        measure("native (trained at target)", native_net.model)
 
     src_name, tgt_name = level_name(src_down), level_name(tgt_down)
-    if stencils == "fit":
-        transferred = fitted
     console.print(
-        f"[bold]msnet transfer[/bold]  {ckpt['path']}  {src_name} {src_size[0]}x{src_size[1]} -> "
+        f"[bold]msnet transfer[/bold]  {src.path}  {src_name} {src_size[0]}x{src_size[1]} -> "
         f"{tgt_name} {tgt_size[0]}x{tgt_size[1]} ({data.name}, operator {op})"
     )
-    columns = ["method", *[f"{s}_{m}" for s in cfg.splits for m in ("acc", "loss")]]
-    shown = [{k: (f"{v:.2%}" if k.endswith("_acc") else v) for k, v in r.items()} for r in rows]
-    console.print(records_table(f"accuracy at {tgt_name} ({tgt_size[0]}x{tgt_size[1]})", shown, columns))
-
+    _print_rows(console, f"accuracy at {tgt_name} ({tgt_size[0]}x{tgt_size[1]})", rows, cfg.splits)
     if run_dir is not None:
-        run = RunDir(run_dir)
-        config = copy.deepcopy(ckpt["config"])
-        config["level"] = tgt_name
-        out = save_checkpoint(
-            run.checkpoints / "transferred.pt",
-            {
-                "model_spec": transferred.spec.to_dict(),
-                "model": transferred.state_dict(),
-                "config": config,
-                "epoch": ckpt["epoch"],
-                "optimizer": None,
-                "scheduler": None,
-                "rng": ckpt.get("rng", {}),
-                "history": [],
-                "resolution": list(transferred.spec.image_size),
-                "depth": transferred.depth(),
-                "level": tgt_name,
-                "transferred_from": {"checkpoint": ckpt["path"], "level": src_name, "operator": op,
-                                     "stencils": stencils},
-            },
-        )
-        run.write_config(cfg)
-        run.write_command()
-        run.write_json("transfer.json", {
-            "checkpoint": ckpt["path"], "source": src_name, "target": tgt_name,
+        moved = fitted if stencils == "fit" else transferred
+        origin = {"checkpoint": src.path, "level": src_name, "operator": op, "stencils": stencils}
+        config = {**copy.deepcopy(src.ckpt["config"]), "level": tgt_name}
+        _write_transfer(run_dir, cfg, src, moved, config, tgt_name, origin, console, {
+            "checkpoint": src.path, "source": src_name, "target": tgt_name,
             "source_resolution": list(src_size), "target_resolution": list(tgt_size),
             "operator": op, "stencils": stencils, "native": str(cfg.native) if cfg.native else None,
-            "stencil_fits": [f.to_dict() for f in fits],
-            "transferred_checkpoint": str(out), "results": rows,
+            "stencil_fits": [f.to_dict() for f in fits], "results": rows,
         })
-        console.print(f"transferred checkpoint: {out}")
-        console.save(run.path / "console.txt")
     return rows
+
+
+def _print_rows(console: RunConsole, title: str, rows: List[Dict[str, Any]], splits: Any,
+                first: Tuple[str, ...] = ("method",)) -> None:
+    """The transfer table: one row per method, accuracy and loss per split."""
+    columns = [*first, *[f"{s}_{m}" for s in splits for m in ("acc", "loss")]]
+    shown = [{k: (f"{v:.2%}" if k.endswith("_acc") else v) for k, v in r.items()} for r in rows]
+    console.print(records_table(title, shown, columns))
+
+
+def _write_transfer(run_dir: str | Path, cfg: DictConfig, src: Restored, moved: torch.nn.Module, config: Dict[str, Any],
+                    level: str, origin: Dict[str, Any], console: RunConsole, report: Dict[str, Any]) -> None:
+    """Write the moved network as ``checkpoints/transferred.pt`` (with ``config``, the source's config at the
+    new level or depth), the command's config, ``transfer.json`` (``report`` and that path) and the console."""
+    run = RunDir(run_dir)
+    out = save_checkpoint(run.checkpoints / "transferred.pt", make_payload(
+        moved, config, epoch=src.ckpt["epoch"], level=level, rng=src.ckpt.get("rng", {}), transferred_from=origin))
+    run.write_config(cfg)
+    run.write_command()
+    run.write_json("transfer.json", {**report, "transferred_checkpoint": str(out)})
+    console.print(f"transferred checkpoint: {out}")
+    console.save(run.path / "console.txt")
 
 
 def transfer_depth_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
@@ -262,51 +249,35 @@ def transfer_depth_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = N
         raise MsnetError("say both depths: msnet transfer --from-depth 8 --to-depth 16 ckpt=PATH")
     if cfg.ckpt is None:
         raise MsnetError("which network? add ckpt=PATH (e.g. a run's checkpoints/last.pt)")
-    ckpt = load_checkpoint(cfg.ckpt)
-    saved = OmegaConf.create(ckpt["config"])
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(saved.get("dtype", "float32"))
-    source = load_network(ckpt, device, dtype)
+    src = restore(cfg.ckpt, cfg.device, cfg.get("threads"))
+    source = src.model
     depth = source.depth()
     if any(d != int(cfg.source_depth) for d in depth):
         raise MsnetError(
-            f"checkpoint {ckpt['path']} has {depth} layers per stage, not --from-depth {cfg.source_depth}; "
+            f"checkpoint {src.path} has {depth} layers per stage, not --from-depth {cfg.source_depth}; "
             "pass the depth it was trained at"
         )
     m = int(cfg.target_depth)
-    data = prepare_data(saved.dataset, device, dtype)
-    data = data_for_size(data, tuple(source.spec.image_size), saved, f"checkpoint {ckpt['path']}")
+    data = prepare_data(src.config.dataset, src.device, src.dtype)
+    data = data_for_size(data, tuple(source.spec.image_size), src.config, f"checkpoint {src.path}")
     if m == int(cfg.source_depth):
         raise MsnetError(f"--from-depth and --to-depth are both {m}; nothing to transfer")
+    operator = cfg.prolongation if m > depth[0] else cfg.restriction
     moved = transfer_depth(source, m, cfg.prolongation, cfg.restriction)
-    candidates = [("before", f"{cfg.source_depth} layers", source), (f"after ({cfg.prolongation if m > depth[0] else cfg.restriction})", f"{m} layers", moved)]
+    candidates = [("before", f"{cfg.source_depth} layers", source), (f"after ({operator})", f"{m} layers", moved)]
     if m > depth[0]:
         for other in TIME_PROLONGATIONS.names():
             if other != cfg.prolongation:
                 candidates.append((f"after ({other})", f"{m} layers", transfer_depth(source, m, other)))
     rows = [{"method": method, "layers": layers, **split_metrics(net, data, cfg.splits, cfg.batch_size)}
             for method, layers, net in candidates]
-    console.print(f"[bold]msnet transfer[/bold]  {ckpt['path']}  {cfg.source_depth} -> {m} layers per stage "
+    console.print(f"[bold]msnet transfer[/bold]  {src.path}  {cfg.source_depth} -> {m} layers per stage "
                   f"(T kept; {data.name} {data.image_size[0]}x{data.image_size[1]})")
-    columns = ["method", "layers", *[f"{s}_{k}" for s in cfg.splits for k in ("acc", "loss")]]
-    shown = [{k: (f"{v:.2%}" if k.endswith("_acc") else v) for k, v in r.items()} for r in rows]
-    console.print(records_table("before and after the transfer in time", shown, columns))
+    _print_rows(console, "before and after the transfer in time", rows, cfg.splits, ("method", "layers"))
     if run_dir is not None:
-        run = RunDir(run_dir)
-        config = copy.deepcopy(ckpt["config"])
+        config = copy.deepcopy(src.ckpt["config"])
         config.setdefault("model", {})["layers"] = m
-        out = save_checkpoint(run.checkpoints / "transferred.pt", {
-            "model_spec": moved.spec.to_dict(), "model": moved.state_dict(), "config": config,
-            "epoch": ckpt["epoch"], "optimizer": None, "scheduler": None, "rng": ckpt.get("rng", {}),
-            "history": [], "resolution": list(moved.spec.image_size), "depth": moved.depth(),
-            "level": ckpt.get("level", "fine"),
-            "transferred_from": {"checkpoint": ckpt["path"], "depth": depth,
-                                 "operator": cfg.prolongation if m > depth[0] else cfg.restriction},
-        })
-        run.write_config(cfg)
-        run.write_command()
-        run.write_json("transfer.json", {"checkpoint": ckpt["path"], "source_depth": depth, "target_depth": moved.depth(),
-                                         "transferred_checkpoint": str(out), "results": rows})
-        console.print(f"transferred checkpoint: {out}")
-        console.save(run.path / "console.txt")
+        _write_transfer(run_dir, cfg, src, moved, config, src.ckpt.get("level", "fine"),
+                        {"checkpoint": src.path, "depth": depth, "operator": operator}, console,
+                        {"checkpoint": src.path, "source_depth": depth, "target_depth": moved.depth(), "results": rows})
     return rows

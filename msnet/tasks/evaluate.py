@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from msnet import MsnetError
-from msnet.core import resolve_device
 from msnet.data import prepare_data
-from msnet.runs import RunConsole, RunDir, load_checkpoint
+from msnet.multigrid import data_for_size
+from msnet.runs import RunConsole, RunDir, restore
 from msnet.runs.display import records_table
-from msnet.train.api import load_network
 from msnet.train.loop import evaluate
-from msnet.train.schedule import data_for_size
-from msnet.train.setup import resolve_dtype
 
 
 def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
@@ -25,17 +22,14 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
     replaces the saved value. Results go to ``run_dir/evaluation.json`` when given.
     """
     console = console or RunConsole()
-    ckpt = load_checkpoint(cfg.ckpt)
-    saved = OmegaConf.create(ckpt["config"])
+    restored = restore(cfg.ckpt, cfg.device, cfg.get("threads"))
+    ckpt, saved, model = restored.ckpt, restored.config, restored.model
     data_cfg = saved.dataset
     for key, value in (cfg.dataset or {}).items():
         if value is not None:
             data_cfg[key] = value
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(saved.get("dtype", "float32"))
-    model = load_network(ckpt, device, dtype)
     spec = model.spec
-    data = prepare_data(data_cfg, device, dtype)
+    data = prepare_data(data_cfg, restored.device, restored.dtype)
     if data.in_channels != spec.in_channels:
         raise MsnetError(
             f"checkpoint {ckpt['path']} expects {spec.in_channels}-channel images but {data.name} has "
