@@ -23,6 +23,7 @@ from msnet.train import build_optimizer, train
 from msnet.train.bcd import BCD, BCDSettings, stored_states
 from msnet.train.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
 from msnet.train.regularizers import build_regularizer
+from msnet.train.updates import selected_rule
 
 from .conftest import needs_fashion
 
@@ -214,10 +215,12 @@ def test_bcd_iteration_is_monotone_and_both_blocks_move():
 
 
 def test_build_optimizer_refuses_bcd_in_one_line(compose_cfg):
+    """bcd is an update rule (it needs the model), not a torch.optim optimiser over a parameter list."""
     cfg = compose_cfg("train", ["optimizer=bcd"])
-    with pytest.raises(MsnetError, match="update rule, not a torch.optim optimiser") as err:
+    with pytest.raises(MsnetError, match="unknown optimizer 'bcd'; choose one of: adam, adamw, sgd") as err:
         build_optimizer(nn.Linear(2, 2).parameters(), cfg.optimizer)
     assert "\n" not in str(err.value)
+    assert selected_rule(cfg) is BCD and BCD.selected_by == "optimizer"
 
 
 def test_config_composes_as_typed(compose_cfg):

@@ -83,3 +83,30 @@ def test_resumed_config_takes_only_overridden_keys(compose_cfg):
     assert merged.optimizer.name == "sgd" and merged.optimizer.lr == 0.1  # the whole group replaced
     assert merged.resume == "/x.pt"
     assert override_keys(["+pyramid=2level", "~x", "hydra.run.dir=a"]) == ["pyramid", "x"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["optimizer.lr=-1"], r"^optimizer.lr must be positive, got -1"),
+        (["optimizer.weight_decay=-0.1"], r"^optimizer.weight_decay must be >= 0"),
+        (["optimizer=bcd", "optimizer.cg_iters=0"], r"^optimizer.cg_iters must be >= 1"),
+        (["optimizer=bcd", "optimizer.scheduler=cosine"], r"^optimizer=bcd chooses its step length by line search"),
+        (["trainer=mgopt", "trainer.armijo_c1=2"], r"^trainer.armijo_c1 must be in \(0, 1\)"),
+        (["trainer=mgopt", "optimizer=bcd"], r"^trainer=mgopt smooths with a torch.optim optimiser, not optimizer=bcd"),
+        (["optimizer.name=mgopt"], r"^unknown optimizer 'mgopt'"),  # mgopt is chosen with trainer=, not optimizer=
+        (["threads=0"], r"^threads must be at least 1"),
+    ],
+)
+def test_bad_values_fail_in_preflight_before_data_is_loaded(tiny_cfg, tmp_path, monkeypatch, overrides, match):
+    """Every check that needs no data runs before the dataset is read (and before anything is written)."""
+    from msnet.train import api
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the config was checked")
+
+    monkeypatch.setattr(api, "prepare_data", no_data)
+    with pytest.raises(MsnetError, match=match) as err:
+        api.train(tiny_cfg(overrides), tmp_path / "run")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

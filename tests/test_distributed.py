@@ -23,7 +23,10 @@ from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import UPDATE_RULES, FirstOrder, train
+from msnet.tasks import launch
 from msnet.train import distributed
+from msnet.train.setup import check_config
+from msnet.train.updates import selected_rule
 from msnet.train.distributed import DistEnv, Shard
 
 MSNET = Path(sys.executable).parent / "msnet"
@@ -85,30 +88,30 @@ def test_weighted_first_order_gradients_average_to_the_full_batch_gradient(n):
 def test_whole_step_update_rules_are_refused_under_ddp(tiny_cfg):
     assert UPDATE_RULES.names(), "no whole-step rule registered to check"
     for name in UPDATE_RULES.names():
-        cfg = tiny_cfg()
-        with open_dict(cfg):
-            cfg.optimizer.name = name
-        distributed.check(cfg, DistEnv())  # one process: fine
-        with pytest.raises(MsnetError, match=rf"optimizer={name} does not run data-parallel \(2 processes\); "
+        key = UPDATE_RULES.get(name).selected_by
+        cfg = tiny_cfg([f"{key}={name}"])  # the rule's own preset (conf/{key}/{name}.yaml)
+        rule = selected_rule(cfg)
+        assert rule is UPDATE_RULES.get(name) and not rule.data_parallel
+        distributed.check(cfg, DistEnv(), rule)  # one process: fine
+        with pytest.raises(MsnetError, match=rf"{key}={name} does not run data-parallel \(2 processes\); "
                                               r"train it in one process \(trainer.devices=1"):
-            distributed.check(cfg, DistEnv(world_size=2, local_world_size=2))
-        with open_dict(cfg):
-            cfg.optimizer.name, cfg.trainer.name = "adam", name
-        with pytest.raises(MsnetError, match=rf"trainer={name} does not run data-parallel"):
-            distributed.check(cfg, DistEnv(world_size=2, local_world_size=2))
+            distributed.check(cfg, DistEnv(world_size=2, local_world_size=2), rule)
+        with pytest.raises(MsnetError, match=rf"{key}={name} does not run data-parallel"):
+            check_config(cfg, DistEnv(world_size=2, local_world_size=2))  # the preflight asks the same rule
+    assert selected_rule(tiny_cfg()) is FirstOrder and FirstOrder.data_parallel
 
 
 def test_launch_decision_and_pinned_gpu(tiny_cfg):
     cfg = tiny_cfg(["trainer.devices=2"])
-    assert distributed.should_launch(cfg, {}) is True
-    assert distributed.should_launch(tiny_cfg(), {}) is False
-    assert distributed.should_launch(cfg, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) is False  # already a rank
+    assert launch.should_launch(cfg, {}) is True
+    assert launch.should_launch(tiny_cfg(), {}) is False
+    assert launch.should_launch(cfg, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) is False  # already a rank
     with pytest.raises(MsnetError, match="trainer.devices=2 but torchrun started 3 processes here"):
-        distributed.should_launch(cfg, {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3"})
+        launch.should_launch(cfg, {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3"})
     pinned = tiny_cfg(["device=cuda:1"])
     with pytest.raises(MsnetError, match="device=cuda:1 pins every rank to one GPU; use device=cuda"):
-        distributed.check(pinned, DistEnv(world_size=2, local_world_size=2))
-    assert distributed.launch_args(2, ["a=1"], "/r") == [
+        distributed.check(pinned, DistEnv(world_size=2, local_world_size=2), FirstOrder)
+    assert launch.launch_args(2, ["a=1"], "/r") == [
         "--standalone", "--nproc_per_node=2", "-m", "msnet", "train", "a=1", "hydra.run.dir=/r"]
     assert distributed.detect({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == \
         DistEnv(1, 4, 1, 2)
@@ -225,5 +228,5 @@ def test_launch_refuses_bcd_before_starting_processes(tiny_cfg, tmp_path):
     cfg = tiny_cfg(["trainer.devices=2", "optimizer=bcd"])
     with pytest.raises(MsnetError, match=r"^optimizer=bcd does not run data-parallel \(2 processes\); train it in one "
                                          r"process \(trainer.devices=1, no torchrun\) or use a first-order optimizer"):
-        distributed.launch(cfg, tmp_path, ["trainer.devices=2", "optimizer=bcd"])
+        launch.launch(cfg, tmp_path, ["trainer.devices=2", "optimizer=bcd"])
     assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,8 @@ from msnet.runs import read_metrics
 from msnet.train import FirstOrder, train
 from msnet.train import speed
 from msnet.train.distributed import DistEnv
+from msnet.train.setup import check_config
+from msnet.train.updates import selected_rule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,12 +153,12 @@ def test_bf16_training_run_through_the_trainer(tiny_cfg, tmp_path):
 
 def test_speed_options_fail_in_one_line(tiny_cfg):
     with pytest.raises(MsnetError, match=r"trainer.precision=bf16 needs dtype=float32 \(got dtype=float64\)"):
-        speed.check(tiny_cfg(["trainer.precision=bf16", "dtype=float64"]))
+        check_config(tiny_cfg(["trainer.precision=bf16", "dtype=float64"]))
     with pytest.raises(MsnetError, match=r"unknown trainer.precision 'fp16'; choose one of: fp32, bf16"):
-        speed.check(tiny_cfg(["trainer.precision=fp16"]))
+        check_config(tiny_cfg(["trainer.precision=fp16"]))
     cfg = tiny_cfg(["trainer.compile=true", "optimizer=bcd"])
     with pytest.raises(MsnetError, match=r"trainer.compile=true apply to first-order optimizers only, not optimizer=bcd"):
-        speed.check(cfg)
+        speed.check(cfg, selected_rule(cfg))
     with open_dict(cfg):
         cfg.trainer.compile = False
-    speed.check(cfg)  # bcd alone is fine
+    speed.check(cfg, selected_rule(cfg))  # bcd alone is fine

@@ -14,7 +14,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = hc.runtime.output_dir
     with errors_as_lines(run_dir):
         from msnet.train import train
-        from msnet.train.distributed import launch, should_launch
+        from msnet.tasks.launch import launch, should_launch
 
         cfg, overrides = seed_job(cfg), list(hc.overrides.task)
         if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir

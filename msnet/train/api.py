@@ -21,7 +21,7 @@ from msnet.train.regularizers import build_regularizer
 from msnet.train.schedule import Level, build_schedule, check_stencil_fit, prolong_level
 from msnet.train.updates import UpdateRule, build_update
 from msnet.train import distributed, speed
-from msnet.train.setup import check_config, model_spec, resolve_dtype, resumed_config, set_seed
+from msnet.train.setup import model_spec, preflight, resolve_dtype, set_seed
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "work_fge",
                  "epoch_time_s"]
@@ -79,13 +79,7 @@ def _train(
 ) -> Dict[str, Any]:
     console = console or RunConsole()
     run = RunDir(run_dir)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
-        cfg = resumed_config(ckpt["config"], cfg, overrides)
-    check_config(cfg)
-    distributed.check(cfg, env)
-    speed.check(cfg)
+    cfg, ckpt = preflight(cfg, env, overrides)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = distributed.setup(env, resolve_device(cfg.device), cfg.threads)

@@ -57,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -67,10 +67,8 @@ from msnet import MsnetError
 from msnet.train.newton import (
     GaussNewton, QuadraticHessian, armijo, axpy, conjugate_gradient, cross_entropy_objective, dot, newton_cg,
 )
-from msnet.train.optim import OPTIMIZERS
-from msnet.train.updates import UPDATE_RULES, StepOutput, UpdateRule
+from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
-Penalty = Callable[[], torch.Tensor]
 
 DAMPING_RANGE = (1e-8, 1e8)
 DAMPING_DROP, DAMPING_BOOST = 2.0 / 3.0, 1.5  # Martens 2010, Sec. 4.1
@@ -136,8 +134,38 @@ def stored_states(model: nn.Module) -> Iterator[None]:
             b.backprop = old
 
 
+@UPDATE_RULES.register("bcd")
 class BCD(UpdateRule):
-    """One BCD iteration per mini-batch (module docstring); ``info`` goes to ``steps.jsonl``."""
+    """One BCD iteration per mini-batch (module docstring); ``info`` goes to ``steps.jsonl``.
+
+    Selected by ``optimizer=bcd``; one process only, no GPU speed options (its line searches and
+    Gauss–Newton products need the whole objective in float32/64 on one device).
+    """
+
+    selected_by = "optimizer"
+    data_parallel = False
+    speed_options = False
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        cls.settings_for(cfg.optimizer, cfg.trainer)
+
+    @staticmethod
+    def settings_for(opt_cfg: Any, trainer_cfg: Any) -> BCDSettings:
+        """The optimizer keys BCD reads, in range; and the run asks nothing that BCD decides itself."""
+        if opt_cfg.get("scheduler", "constant") != "constant":
+            raise MsnetError(
+                f"optimizer=bcd chooses its step length by line search; set optimizer.scheduler=constant "
+                f"(got {opt_cfg.scheduler})"
+            )
+        if trainer_cfg.get("grad_clip") is not None:
+            raise MsnetError("optimizer=bcd bounds its steps by line search; drop trainer.grad_clip")
+        return BCDSettings.from_config(opt_cfg)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> "BCD":
+        """The rule for ``optimizer=bcd``; config problems are one :class:`MsnetError` line."""
+        return cls(model, cls.settings_for(opt_cfg, cfg.trainer), penalty)
 
     def __init__(self, model: nn.Module, settings: BCDSettings, penalty: Optional[Penalty] = None):
         self.model, self.settings, self.penalty = model, settings, penalty
@@ -315,26 +343,3 @@ class BCD(UpdateRule):
         if state:
             self.damping = float(state["damping"])
             self.iterations = int(state["iterations"])
-
-
-@UPDATE_RULES.register("bcd")
-def build_bcd(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> BCD:
-    """The :class:`BCD` rule for ``optimizer=bcd``; config problems are one :class:`MsnetError` line."""
-    if opt_cfg.get("scheduler", "constant") != "constant":
-        raise MsnetError(
-            f"optimizer=bcd chooses its step length by line search; set optimizer.scheduler=constant "
-            f"(got {opt_cfg.scheduler})"
-        )
-    if cfg.trainer.get("grad_clip") is not None:
-        raise MsnetError("optimizer=bcd bounds its steps by line search; drop trainer.grad_clip")
-    return BCD(model, BCDSettings.from_config(opt_cfg), penalty)
-
-
-@OPTIMIZERS.register("bcd")
-def _bcd_is_an_update_rule(params: Any, cfg: Any) -> torch.optim.Optimizer:
-    """``bcd`` is listed with the optimisers (so ``optimizer=bcd`` passes the config check) but
-    is a whole-step update rule: it needs the model, not a parameter list."""
-    raise MsnetError(
-        "optimizer=bcd is a block-coordinate update rule, not a torch.optim optimiser; "
-        "use it through msnet train / msnet.train.build_update, or pick optimizer=adam|adamw|sgd here"
-    )

@@ -30,22 +30,21 @@ How a K-process run divides the work, and why it equals one process with the sam
   no communication, and each rank spends on it what a single process does.
 - **Files.** Only rank 0 writes the run directory, checkpoints and console; ranks > 0 print
   nothing and write into a temporary directory removed at the end (:func:`rank_run_dir`).
-- **Update rules.** Only first-order ``torch.optim`` steps are data-parallel; whole-step rules
-  of :data:`~msnet.train.updates.UPDATE_RULES` (``bcd``, ``mgopt``) stop with one line
-  (:func:`check`).
+- **Update rules.** Only rules whose class says ``data_parallel`` (first-order ``torch.optim``
+  steps) run on K processes; the others (``bcd``, ``mgopt``) stop with one line (:func:`check`).
 
-``msnet train trainer.devices=K`` starts ``torchrun`` itself (:func:`launch`).
+``msnet train trainer.devices=K`` starts ``torchrun`` itself (:func:`msnet.tasks.launch.launch`).
+This module imports nothing from the rest of ``msnet.train``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -97,18 +96,17 @@ def threads_per_rank(threads: Optional[int], ranks_here: int) -> int:
     return int(threads) if threads else max(1, cpu_cores() // max(1, ranks_here))
 
 
-def check(cfg: Any, env: DistEnv) -> None:
-    """Fail with one line if the config cannot train data-parallel (before data is loaded)."""
+def check(cfg: Any, env: DistEnv, rule: Any) -> None:
+    """Fail with one line if the config cannot train data-parallel (before data is loaded).
+
+    ``rule``: the update-rule class the config selects (its ``data_parallel`` fact decides)."""
     if not env.enabled:
         return
-    from msnet.train.updates import whole_step_rule
-
-    rule = whole_step_rule(cfg)
-    if rule is not None:
-        key, name = rule
+    if not rule.data_parallel:
         raise MsnetError(
-            f"{key}={name} does not run data-parallel ({env.world_size} processes); train it in one process "
-            "(trainer.devices=1, no torchrun) or use a first-order optimizer (optimizer=adam|adamw|sgd)"
+            f"{rule.selected_by}={cfg[rule.selected_by].name} does not run data-parallel ({env.world_size} processes); "
+            "train it in one process (trainer.devices=1, no torchrun) or use a first-order optimizer "
+            "(optimizer=adam|adamw|sgd)"
         )
     if str(cfg.device).startswith("cuda:"):
         raise MsnetError(
@@ -207,73 +205,3 @@ def rank_run_dir(run_dir: str | Path, env: DistEnv) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------- launching torchrun from `msnet train`
-
-
-def should_launch(cfg: Any, environ: Optional[Mapping[str, str]] = None) -> bool:
-    """``trainer.devices > 1`` in a process torchrun did not start: :func:`launch` must start the ranks.
-
-    Under torchrun ``trainer.devices`` must be 1 (the default) or the processes per machine.
-    """
-    env = os.environ if environ is None else environ
-    devices = int(cfg.trainer.get("devices", 1))
-    if devices < 1:
-        raise MsnetError(f"trainer.devices must be at least 1, got {devices}")
-    if "WORLD_SIZE" in env:
-        here = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-        if devices > 1 and devices != here:
-            raise MsnetError(
-                f"trainer.devices={devices} but torchrun started {here} processes here; "
-                "drop trainer.devices when you start torchrun yourself"
-            )
-        return False
-    return devices > 1
-
-
-def launch_args(devices: int, overrides: List[str], run_dir: str | Path) -> List[str]:
-    """torchrun's arguments to train ``overrides`` on ``devices`` local processes into ``run_dir``.
-
-    The same as typing ``torchrun --standalone --nproc_per_node=K -m msnet train OVERRIDES hydra.run.dir=DIR``.
-    """
-    return ["--standalone", f"--nproc_per_node={devices}", "-m", "msnet", "train", *overrides, f"hydra.run.dir={run_dir}"]
-
-
-def launch(cfg: Any, run_dir: str | Path, overrides: List[str]) -> int:
-    """Run ``msnet train`` on ``trainer.devices`` processes with torchrun, wait, and return the exit code.
-
-    The ranks train with the same ``overrides``, and rank 0 writes into ``run_dir`` (the
-    directory Hydra made for this command). CPU ranks get ``OMP_NUM_THREADS`` = cores // K
-    (or ``threads``). The config is checked here first (one line, before any process starts).
-    torchrun's agent runs in this process with its logging muted: a rank that fails prints
-    its own error (and rank 0 writes ``run_dir/error.txt``); for a failure without a line
-    (a crash, a traceback) this prints one and writes it to ``error.txt``.
-    """
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    devices = int(cfg.trainer.devices)
-    if not cfg.get("resume"):  # a resumed config is the checkpoint's: the ranks check it
-        from msnet.train import speed
-        from msnet.train.setup import check_config
-
-        check_config(cfg)
-        check(cfg, DistEnv(world_size=devices, local_world_size=devices))
-        speed.check(cfg)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(cfg.get("threads"), devices)))
-    error_file = Path(run_dir) / "error.txt"
-    error_file.unlink(missing_ok=True)
-    logging.disable(logging.ERROR)  # the agent's own warnings and failure report; the ranks speak for themselves
-    try:
-        run(parse_args(launch_args(devices, overrides, run_dir)))
-        return 0
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        code = failure.exitcode
-    finally:
-        logging.disable(logging.NOTSET)
-    if not error_file.exists():
-        message = f"rank {rank} of {devices} exited with code {code} (its output is above); the run is in {run_dir}"
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        error_file.write_text(message + "\n")
-    return code if code > 0 else 1

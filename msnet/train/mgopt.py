@@ -106,7 +106,7 @@ from msnet import MsnetError
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid import transfer_depth
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.train.optim import build_optimizer, build_scheduler
+from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
 from msnet.train.regularizers import build_regularizer
 from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
@@ -198,7 +198,7 @@ def time_matrix(kind: str, op: str, n_from: int, n_to: int) -> torch.Tensor:
 
 
 @dataclass
-class Level:
+class MGLevel:
     """One level of the hierarchy: its network, parameters, smoother and coherence term.
 
     ``params`` are the network's parameters in ``named_parameters`` order, ``stage[k]`` the stage
@@ -281,26 +281,46 @@ class _CycleLog:
     psi_corrected: Optional[float] = None
 
 
+@UPDATE_RULES.register("mgopt")
 class MGOpt(UpdateRule):
     """MG/OPT cycles over a hierarchy of coarser-in-time copies of ``model`` (see the module docstring).
 
     ``levels[-1]`` is ``model`` itself (its smoother is the run's optimiser, whose state is the
-    checkpoint's ``optimizer``); ``levels[0]`` the coarsest network.
+    checkpoint's ``optimizer``); ``levels[0]`` the coarsest network. Selected by ``trainer=mgopt``;
+    one process only, no GPU speed options.
     """
+
+    selected_by = "trainer"
+    data_parallel = False
+    speed_options = False
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """The trainer keys MG/OPT reads are in range, its smoother is a ``torch.optim`` optimiser, and the
+        integrator has per-step parameters to move in time."""
+        MGOptSettings.from_config(cfg.trainer)
+        if cfg.optimizer.name in UPDATE_RULES:
+            raise MsnetError(f"trainer=mgopt smooths with a torch.optim optimiser, not optimizer={cfg.optimizer.name}; "
+                             "use optimizer=adam, adamw or sgd")
+        check_optimizer(cfg.optimizer)
+        if not INTEGRATORS.get(cfg.model.integrator).per_step_params:
+            raise MsnetError(f"trainer=mgopt moves per-step parameters in time, and integrator "
+                             f"{cfg.model.integrator!r} has none; use an integrator with per-step parameters")
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
+                    penalty: Optional[Penalty]) -> "MGOpt":
+        """The rule for ``trainer=mgopt``; config problems are one :class:`MsnetError` line."""
+        return cls(model, MGOptSettings.from_config(cfg.trainer), opt_cfg, cfg.regularizer, epochs, penalty,
+                   cfg.trainer.get("grad_clip"))
 
     def __init__(self, model: ODEResNet, settings: MGOptSettings, opt_cfg: Any, reg_cfg: Any, epochs: int,
                  penalty: Optional[Penalty], grad_clip: Optional[float] = None):
-        if not INTEGRATORS.get(model.spec.integrator).per_step_params:
-            raise MsnetError(f"trainer=mgopt moves per-step parameters in time, and integrator "
-                             f"{model.spec.integrator!r} has none; use an integrator with per-step parameters")
-        if opt_cfg.name in UPDATE_RULES:
-            raise MsnetError(f"trainer=mgopt smooths with a torch.optim optimiser, not optimizer={opt_cfg.name}; "
-                             "use optimizer=adam, adamw or sgd")
         self.model, self.s, self.grad_clip = model, settings, grad_clip
         self.gamma = CYCLES[settings.cycle]
         depths = coarse_depths(model.depth(), settings.levels)
         fine_total = sum(depths[-1])
-        self.levels: List[Level] = []
+        self.levels: List[MGLevel] = []
         for i, d in enumerate(depths):
             finest = i == len(depths) - 1
             net = model if finest else transfer_depth(model, d, settings.prolongation, settings.restriction)
@@ -313,7 +333,7 @@ class MGOpt(UpdateRule):
             params = [p for _, p in net.named_parameters()]
             stage_of = {id(p): s for s, block in enumerate(net.blocks) for p in block.step_parameters().values()}
             optimizer = build_optimizer(params, cfg_i)
-            self.levels.append(Level(
+            self.levels.append(MGLevel(
                 net=net, params=params, stage=[stage_of.get(id(p)) for p in params], names=names,
                 optimizer=optimizer,
                 scheduler=build_scheduler(optimizer, cfg_i, max(1, epochs)),
@@ -396,7 +416,7 @@ class MGOpt(UpdateRule):
             self._epoch["accepted"] += 1 if alpha > 0 else 0
             self._epoch["alpha_sum"] += alpha
 
-    def _armijo(self, lv: Level, e: List[torch.Tensor], psi0: float, slope: float, xb: torch.Tensor,
+    def _armijo(self, lv: MGLevel, e: List[torch.Tensor], psi0: float, slope: float, xb: torch.Tensor,
                 yb: torch.Tensor) -> Tuple[float, Optional[float]]:
         """Backtracking on psi along e from alpha = 1 (see the module docstring).
 
@@ -500,10 +520,3 @@ class MGOpt(UpdateRule):
         self.cycles, self.work_fge = int(state["cycles"]), float(state["work_fge"])
         for lv, g, f in zip(self.levels, state["grad_evals"], state["forward_evals"]):
             lv.grad_evals, lv.forward_evals = int(g), int(f)
-
-
-@UPDATE_RULES.register("mgopt")
-def build_mgopt(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> MGOpt:
-    """The :class:`MGOpt` rule for ``trainer=mgopt``; config problems are one :class:`MsnetError` line."""
-    return MGOpt(model, MGOptSettings.from_config(cfg.trainer), opt_cfg, cfg.regularizer, epochs, penalty,
-                 cfg.trainer.get("grad_clip"))

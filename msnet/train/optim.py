@@ -36,10 +36,20 @@ def adamw(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimiz
 SCHEDULERS = ("constant", "cosine", "step")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
-    """The optimiser ``cfg.name`` over ``params``."""
+def check_optimizer(cfg: Any) -> None:
+    """Fail with one line for an unknown optimiser or scheduler, or a value out of range (an ``optimizer`` config)."""
+    OPTIMIZERS.get(cfg.name)
+    if cfg.scheduler not in SCHEDULERS:
+        raise MsnetError(f"unknown optimizer.scheduler {cfg.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if not cfg.lr > 0:
         raise MsnetError(f"optimizer.lr must be positive, got {cfg.lr}")
+    if cfg.get("weight_decay", 0.0) < 0:
+        raise MsnetError(f"optimizer.weight_decay must be >= 0, got {cfg.weight_decay}")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+    """The optimiser ``cfg.name`` over ``params``."""
+    check_optimizer(cfg)
     return OPTIMIZERS.get(cfg.name)(params, cfg)
 
 

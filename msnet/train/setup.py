@@ -1,9 +1,9 @@
-"""From config to objects: seeding, config checks, model spec, resumed configs."""
+"""From config to objects: the preflight checks, seeding, model spec, resumed configs."""
 
 from __future__ import annotations
 
 import random
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,10 @@ from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelS
 from msnet.core.network import check_connective, check_p_last
 from msnet.core.reversible import check_scheme
 from msnet.data import DATASETS, DataBundle
-from msnet.train.optim import OPTIMIZERS, SCHEDULERS
+from msnet.runs import load_checkpoint
+from msnet.train import distributed, speed
+from msnet.train.distributed import DistEnv
+from msnet.train.updates import selected_rule
 
 
 def set_seed(seed: int) -> None:
@@ -25,8 +28,29 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Check every registry name and range once, before data is loaded or anything is written."""
+def preflight(cfg: DictConfig, env: Optional[DistEnv] = None,
+              overrides: Optional[List[str]] = None) -> Tuple[DictConfig, Optional[Dict[str, Any]]]:
+    """What must hold before data is loaded or anything is written, in one place.
+
+    With ``cfg.resume`` the checkpoint is read and its config, with the keys the user overrode
+    (``overrides``) taken from ``cfg``, becomes the run's (:func:`resumed_config`). Returns that
+    config and the checkpoint (None for a new run). Every failure is one :class:`MsnetError` line.
+    """
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        cfg = resumed_config(ckpt["config"], cfg, overrides)
+    check_config(cfg, env)
+    return cfg, ckpt
+
+
+def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
+    """Check every registry name and range once, before data is loaded or anything is written.
+
+    ``env``: the processes the run will train on (one when None). The update rule the config
+    selects checks its own settings (:meth:`~msnet.train.updates.UpdateRule.check`) and says
+    whether data-parallel training and the GPU speed options apply to it.
+    """
     if cfg.seed is None:
         raise MsnetError("seed must be an integer (e.g. seed=0)")
     DATASETS.get(cfg.dataset.name)
@@ -37,11 +61,6 @@ def check_config(cfg: DictConfig) -> None:
         raise MsnetError(
             f"unknown classifier {cfg.model.classifier!r}; choose one of: {', '.join(sorted(CLASSIFIERS))}"
         )
-    OPTIMIZERS.get(cfg.optimizer.name)
-    if cfg.optimizer.scheduler not in SCHEDULERS:
-        raise MsnetError(
-            f"unknown optimizer.scheduler {cfg.optimizer.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-        )
     resolve_dtype(cfg.dtype)
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
         if cfg.trainer[key] < 1:
@@ -51,8 +70,14 @@ def check_config(cfg: DictConfig) -> None:
             raise MsnetError(f"model.{key} must be at least 1, got {cfg.model[key]}")
     if not cfg.model.T > 0:
         raise MsnetError(f"model.T must be positive, got {cfg.model.T}")
+    if cfg.get("threads") is not None and int(cfg.threads) < 1:
+        raise MsnetError(f"threads must be at least 1 (or null for torch's default), got {cfg.threads}")
     check_p_last(stochastic_depth_p_last(cfg.model))
     check_architecture(cfg.model)
+    rule = selected_rule(cfg)
+    rule.check(cfg)
+    distributed.check(cfg, env or DistEnv(), rule)
+    speed.check(cfg, rule)
 
 
 def stochastic_depth_p_last(model_cfg: Any) -> float:

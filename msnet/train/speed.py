@@ -31,16 +31,14 @@ import torch.nn as nn
 from msnet import MsnetError
 from msnet.train import distributed
 from msnet.train.distributed import DistEnv
-from msnet.train.updates import FirstOrder, UpdateRule
+from msnet.train.updates import UpdateRule
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """``trainer.precision`` -> the autocast dtype of the forward pass (None: no autocast)."""
 
 
-def check(cfg: Any) -> None:
-    """Fail with one line if the speed options do not fit the config (before data is loaded)."""
-    from msnet.train.updates import whole_step_rule
-
+def check(cfg: Any, rule: type[UpdateRule]) -> None:
+    """Fail with one line if the speed options do not fit the config and its update ``rule`` (before data is loaded)."""
     tr = cfg.trainer
     precision = tr.get("precision", "fp32")
     if precision not in PRECISIONS:
@@ -50,11 +48,10 @@ def check(cfg: Any) -> None:
     wanted = [k for k, on in (("trainer.compile=true", tr.get("compile")),
                               (f"trainer.precision={precision}", precision != "fp32"),
                               ("trainer.channels_last=true", tr.get("channels_last") is True)) if on]
-    rule = whole_step_rule(cfg)
-    if wanted and rule is not None:
-        key, name = rule
+    if wanted and not rule.speed_options:
         raise MsnetError(
-            f"{' and '.join(wanted)} apply to first-order optimizers only, not {key}={name}; drop them"
+            f"{' and '.join(wanted)} apply to first-order optimizers only, not {rule.selected_by}="
+            f"{cfg[rule.selected_by].name}; drop them"
         )
 
 
@@ -101,7 +98,7 @@ def prepare_update(update: UpdateRule, model: nn.Module, cfg: Any, env: DistEnv,
     returned as they are (:func:`check` and :func:`msnet.train.distributed.check` refused
     the options they cannot take).
     """
-    if not isinstance(update, FirstOrder):
+    if not update.speed_options:
         return update
     tr = cfg.trainer
     autocast = PRECISIONS[tr.get("precision", "fp32")]

@@ -4,23 +4,29 @@ The epoch loop (:func:`msnet.train.loop.train_epoch`) knows nothing about optimi
 it hands each mini-batch to an :class:`UpdateRule` and reads back the batch loss and
 logits. A first-order optimiser from :data:`msnet.train.optim.OPTIMIZERS` becomes a
 :class:`FirstOrder` rule; methods that need the model, not just its gradient
-(block-coordinate descent, multilevel minimisation), register a builder in
-:data:`UPDATE_RULES` under the name a user selects, ``optimizer.name`` or
-``trainer.name``.
+(block-coordinate descent, multilevel minimisation), register their class in
+:data:`UPDATE_RULES` under the name a user selects with the key the class names
+(``selected_by``: ``optimizer.name`` or ``trainer.name``).
+
+Each rule class carries its facts, so the checks before a run (:mod:`msnet.train.setup`),
+data-parallel training and the GPU speed options ask the rule instead of re-deriving them:
+``selected_by``, ``data_parallel`` (runs under torchrun), ``speed_options`` (autocast,
+``torch.compile``, channels-last apply), and :meth:`UpdateRule.check` (its settings' ranges,
+checked before data is loaded).
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from msnet.registry import Registry
-from msnet.train.optim import build_optimizer, build_scheduler
+from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
 
 Penalty = Callable[[], torch.Tensor]
 
@@ -42,6 +48,26 @@ class StepOutput:
 
 class UpdateRule(abc.ABC):
     """One training step on a mini-batch ``(xb, yb)`` of images ``(B, C, H, W)`` and labels ``(B,)``."""
+
+    selected_by: ClassVar[str] = "optimizer"
+    """The config key whose ``name`` selects the rule: ``optimizer`` or ``trainer``."""
+    data_parallel: ClassVar[bool] = False
+    """Whether it trains under torchrun (``trainer.devices > 1``); else preflight refuses that in one line."""
+    speed_options: ClassVar[bool] = False
+    """Whether ``trainer.precision``, ``trainer.compile`` and ``trainer.channels_last`` apply to it."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
+                    penalty: Optional["Penalty"]) -> "UpdateRule":
+        """The rule for ``model``: ``cfg`` is the whole train config, ``opt_cfg`` the level's optimiser config
+        (its lr may differ from ``cfg.optimizer.lr``), ``epochs`` the level's epochs (for schedules)."""
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        """Fail with one :class:`MsnetError` line if ``cfg`` asks this rule for something it cannot do.
+
+        Runs before data is loaded; the default checks nothing beyond what the schema types."""
 
     @abc.abstractmethod
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> StepOutput:
@@ -75,6 +101,9 @@ class FirstOrder(UpdateRule):
     (DDP, autocast, ``torch.compile``; :func:`msnet.train.speed.prepare_update`).
     """
 
+    data_parallel = True
+    speed_options = True
+
     loss_weight: float = 1.0
     """Factor on the data term of the objective (not on the penalty, not on the reported loss).
     Data-parallel training sets it per batch to ``K n_r / n`` so that DDP's mean of the K ranks'
@@ -90,6 +119,17 @@ class FirstOrder(UpdateRule):
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip, self.penalty = grad_clip, penalty
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
+                    penalty: Optional[Penalty]) -> "FirstOrder":
+        """The ``torch.optim`` optimiser ``opt_cfg.name`` with its per-epoch schedule over ``epochs``."""
+        optimizer = build_optimizer(model.parameters(), opt_cfg)
+        return cls(model, optimizer, build_scheduler(optimizer, opt_cfg, max(1, epochs)), cfg.trainer.grad_clip, penalty)
+
+    @classmethod
+    def check(cls, cfg: Any) -> None:
+        check_optimizer(cfg.optimizer)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> StepOutput:
         logits = self.model(xb)
@@ -125,32 +165,26 @@ class FirstOrder(UpdateRule):
             self.scheduler.load_state_dict(ckpt["scheduler"])
 
 
-UpdateBuilder = Callable[[nn.Module, Any, Any, int, Optional[Penalty]], UpdateRule]
-"""``builder(model, cfg, optimizer_cfg, epochs, penalty)``: ``cfg`` is the whole train config,
-``optimizer_cfg`` the level's optimiser config (its lr may differ from ``cfg.optimizer.lr``)."""
-
-UPDATE_RULES: Registry[UpdateBuilder] = Registry("update rule")
+UPDATE_RULES: Registry[type[UpdateRule]] = Registry("update rule")
+"""Whole-step rules by the name a user selects them with (``optimizer=bcd``, ``trainer=mgopt``)."""
 
 
-def first_order(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> FirstOrder:
-    """The :class:`FirstOrder` rule for ``opt_cfg.name`` with its per-epoch schedule over ``epochs``."""
-    optimizer = build_optimizer(model.parameters(), opt_cfg)
-    return FirstOrder(model, optimizer, build_scheduler(optimizer, opt_cfg, max(1, epochs)), cfg.trainer.grad_clip,
-                      penalty)
+def selected_rule(cfg: Any) -> type[UpdateRule]:
+    """The rule class the config selects: a registered rule named by ``trainer.name`` (which wins) or
+    ``optimizer.name`` under the key it is selected by, else :class:`FirstOrder`."""
+    for key in ("trainer", "optimizer"):
+        name = cfg[key].name
+        if name in UPDATE_RULES and UPDATE_RULES.get(name).selected_by == key:
+            return UPDATE_RULES.get(name)
+    return FirstOrder
 
 
-def whole_step_rule(cfg: Any) -> Optional[Tuple[str, str]]:
-    """``(key, name)`` of the registered rule the config selects, ``("trainer", "mgopt")`` or
-    ``("optimizer", "bcd")`` (``trainer.name`` wins), or None for a first-order ``torch.optim`` step."""
-    for key, name in (("trainer", cfg.trainer.name), ("optimizer", cfg.optimizer.name)):
-        if name in UPDATE_RULES:
-            return key, name
-    return None
+def rule_choice(cfg: Any) -> str:
+    """How the config selected its rule, for messages: ``trainer=mgopt``, ``optimizer=adam``."""
+    key = selected_rule(cfg).selected_by
+    return f"{key}={cfg[key].name}"
 
 
 def build_update(model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> UpdateRule:
-    """The update rule the config selects (:func:`whole_step_rule`), else a first-order ``torch.optim`` step."""
-    rule = whole_step_rule(cfg)
-    if rule is not None:
-        return UPDATE_RULES.get(rule[1])(model, cfg, opt_cfg, epochs, penalty)
-    return first_order(model, cfg, opt_cfg, epochs, penalty)
+    """The update rule the config selects (:func:`selected_rule`), for one level of ``epochs`` epochs."""
+    return selected_rule(cfg).from_config(model, cfg, opt_cfg, epochs, penalty)
