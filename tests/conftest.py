@@ -54,16 +54,16 @@ def one_thread():
 
 @pytest.fixture
 def fail_epoch(monkeypatch):
-    """``fail_epoch(n, error)``: the n-th call of the trainer's ``train_epoch`` raises ``error``
+    """``fail_epoch(n, error)``: the n-th epoch the level loop (:mod:`msnet.train.fit`) trains raises ``error``
     (default ``KeyboardInterrupt``: Ctrl-C in that epoch); ``restore()`` on the returned handle
     puts the real loop back for a resume in the same test."""
-    from msnet.train import api
+    from msnet.train import fit
 
-    real = api.train_epoch
+    real = fit.train_epoch
 
     class Handle:
         def restore(self) -> None:
-            monkeypatch.setattr(api, "train_epoch", real)
+            monkeypatch.setattr(fit, "train_epoch", real)
 
     def arm(n: int, error: BaseException | type = KeyboardInterrupt) -> Handle:
         calls = {"n": 0}
@@ -74,7 +74,7 @@ def fail_epoch(monkeypatch):
                 raise error
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(api, "train_epoch", failing)
+        monkeypatch.setattr(fit, "train_epoch", failing)
         return Handle()
 
     return arm

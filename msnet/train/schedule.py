@@ -15,16 +15,17 @@ expensive problem (deepest and finest) is solved once, from the best starting po
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from msnet import MsnetError
 from msnet.data import DataBundle
-from msnet.multigrid import TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, transfer_resolution
+from msnet.multigrid import (TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, level_data, transfer_depth,
+                             transfer_resolution)
 from msnet.multigrid.datafit import check_fittable, fit_sample
-from msnet.multigrid.levels import level_name, parse_level
+from msnet.multigrid.levels import level_name, parse_level, transfer_settings
 
 @dataclass
 class Level:
@@ -38,6 +39,64 @@ class Level:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Schedule:
+    """The levels a run trains through, coarsest/shallowest first, and how a network moves between them.
+
+    ``operator`` / ``sigma``: the image transfer pair and the smoothing before each restriction
+    (the pyramid's, else ``linear`` and 1); ``time_prolongation``: how parameters move to more
+    layers (the depth schedule's, else ``linear``); ``pyramid``: the pyramid config (stencil fit
+    settings) or None; ``seed``: draws the stencil fit's images. One schedule serves one dataset:
+    :meth:`data_at` caches each level's restricted images.
+    """
+
+    levels: List[Level]
+    operator: str = "linear"
+    sigma: float = 1.0
+    time_prolongation: str = "linear"
+    pyramid: Any = None
+    seed: int = 0
+    _data: Dict[int, DataBundle] = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def __getitem__(self, i: int) -> Level:
+        return self.levels[i]
+
+    def __iter__(self) -> Iterator[Level]:
+        return iter(self.levels)
+
+    def data_at(self, data: DataBundle, down: int) -> DataBundle:
+        """``data`` restricted ``down`` times as this schedule restricts it (computed once per level)."""
+        if down not in self._data:
+            self._data[down] = level_data(data, down, self.operator, self.sigma)
+        return self._data[down]
+
+    def start_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A network built at the native resolution, moved to the first level's grid (same random draws
+        as a plain run at that depth)."""
+        return transfer_resolution(net, -self.levels[0].down, self.operator) if self.levels[0].down else net
+
+    def move(self, net: torch.nn.Module, src: Level, dst: Level, data: Optional[DataBundle] = None,
+             replay: bool = False) -> Tuple[torch.nn.Module, Optional[FitReport]]:
+        """Carry ``net`` from level ``src`` to ``dst``: in space (:func:`prolong_level`), then in time.
+
+        ``replay``: only the shapes matter (a resumed run loads its weights next), so no data and
+        no stencil fit. Returns the moved network and the stencil fit's report (None without one).
+        """
+        fit = None
+        if src.down != dst.down:
+            if replay:
+                net = transfer_resolution(net, src.down - dst.down, self.operator)
+            else:
+                net, fit = prolong_level(net, self.data_at(data, src.down), self.data_at(data, dst.down),
+                                         src.down - dst.down, self.pyramid, self.seed)
+        if dst.layers is not None and dst.layers != (src.layers or net.depth()[0]):
+            net = transfer_depth(net, dst.layers, self.time_prolongation)
+        return net, fit
 
 
 def max_restrictions(native: Tuple[int, int], stages: int) -> int:
@@ -85,7 +144,7 @@ def _per_level(values: Any, n: int, what: str) -> List[Any]:
     return values
 
 
-def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level]:
+def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
     """The levels ``cfg`` asks for, in training order, ending at ``cfg.level`` (and ``depth.stop``)."""
     finest = parse_level(cfg.level, native)
     pyramid = cfg.get("pyramid")
@@ -126,7 +185,9 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> List[Level
                      lambda k: f"use pyramid.levels={k - finest + 1} or fewer" if k >= finest else f"use level=fine and at most {k + 1} levels")
     else:
         check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
-    return levels
+    operator, sigma = transfer_settings(cfg)
+    return Schedule(levels, operator, sigma, str(depth.prolongation) if depth is not None else "linear", pyramid,
+                    int(cfg.seed))
 
 
 def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:

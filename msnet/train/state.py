@@ -1,0 +1,148 @@
+"""``RunState``: everything a training run carries from epoch to epoch, and everything a resume restores.
+
+A new run starts with :meth:`RunState.start` (a seeded network on the schedule's first level,
+optionally warm-started with ``init=``); an interrupted one continues with
+:meth:`RunState.resume` (the same network rebuilt, moved through the levels it had finished,
+its weights, RNG streams and history loaded). :meth:`RunState.payload` is what a checkpoint
+holds (:func:`msnet.runs.checkpoint.make_payload`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from msnet import MsnetError
+from msnet.core import ModelSpec, build_model
+from msnet.runs import load_checkpoint, make_payload
+from msnet.runs.checkpoint import load_model_state, saved_spec
+from msnet.train.schedule import Schedule, check_stencil_fit
+from msnet.train.setup import set_seed
+from msnet.train.updates import UpdateRule
+
+
+def rng_state(generator: torch.Generator) -> Dict[str, Any]:
+    """The global torch RNG (stochastic depth), the data-order generator and, where seen, CUDA's."""
+    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def spec_diff(a: ModelSpec, b: ModelSpec) -> str:
+    """The fields in which two model specs differ, for a one-line error."""
+    da, db = a.to_dict(), b.to_dict()
+    return "; ".join(f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db.get(k))[:200]
+
+
+@dataclass
+class RunState:
+    """A run's position and what it has produced so far.
+
+    ``level_index`` / ``level_epoch``: the level being trained and the epochs finished in it;
+    ``epoch``: epochs finished over all levels; ``history``: every metrics row so far;
+    ``level_summaries``: one row per finished level (with its stencil fit, from ``fits``);
+    ``rule``: the current level's update rule (its state goes into checkpoints).
+    """
+
+    model: torch.nn.Module
+    generator: torch.Generator
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0
+    level_index: int = 0
+    level_epoch: int = 0
+    level_summaries: List[Dict[str, Any]] = field(default_factory=list)
+    fits: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    rule: Optional[UpdateRule] = None
+    resumed_from: Optional[Dict[str, Any]] = None
+    initialised_from: Optional[Dict[str, Any]] = None
+    wall_before: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, over every session of this run (a resumed run adds to its checkpoint's)."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    @classmethod
+    def start(cls, cfg: DictConfig, spec: ModelSpec, schedule: Schedule, device: torch.device, dtype: torch.dtype,
+              init: bool = True) -> "RunState":
+        """A new run: the network drawn with ``cfg.seed`` at the first level's depth, built at native size
+        (identical draws whatever the pyramid) and moved to the first level's grid; ``cfg.init``'s weights
+        loaded when given (and ``init``)."""
+        set_seed(int(cfg.seed))
+        if schedule[0].layers is not None:
+            for stage in spec.stages:
+                stage.layers = schedule[0].layers
+        model = build_model(spec).to(device=device, dtype=dtype)
+        check_stencil_fit(cfg, model)
+        model = schedule.start_model(model)
+        if init and cfg.get("init"):
+            warm = load_checkpoint(cfg.init)
+            saved = saved_spec(warm)
+            if saved != model.spec:
+                raise MsnetError(
+                    f"init={warm['path']} holds a different model than this run starts with "
+                    f"({spec_diff(saved, model.spec)}); match the model, level and pyramid to the checkpoint"
+                )
+            load_model_state(model, warm)
+            return cls(model, torch.Generator().manual_seed(int(cfg.seed)),
+                       initialised_from={"path": warm["path"], "level": warm.get("level")})
+        return cls(model, torch.Generator().manual_seed(int(cfg.seed)))
+
+    @classmethod
+    def resume(cls, ckpt: Dict[str, Any], cfg: DictConfig, spec: ModelSpec, schedule: Schedule,
+               device: torch.device, dtype: torch.dtype) -> "RunState":
+        """The run ``ckpt`` was written by, at the end of its last finished epoch: the network moved through
+        the levels it had passed (shapes only), then its weights, RNG streams, history and level summaries."""
+        state = cls.start(cfg, spec, schedule, device, dtype, init=False)
+        state.level_index = int(ckpt.get("level_index", 0))
+        state.level_epoch = int(ckpt.get("level_epoch", ckpt["epoch"]))
+        if state.level_index >= len(schedule):
+            raise MsnetError(
+                f"checkpoint {ckpt['path']} is at level {state.level_index}, beyond this schedule; start a new run"
+            )
+        for a, b in zip(schedule.levels[: state.level_index], schedule.levels[1 : state.level_index + 1]):
+            state.model, _ = schedule.move(state.model, a, b, replay=True)
+        saved = saved_spec(ckpt)
+        if saved != state.model.spec:
+            raise MsnetError(
+                f"checkpoint {ckpt['path']} holds a different model ({spec_diff(saved, state.model.spec)}); "
+                "drop the model/dataset overrides to resume it, or start a new run"
+            )
+        load_model_state(state.model, ckpt)
+        restore_rng(ckpt["rng"], state.generator)
+        state.history = list(ckpt.get("history", []))
+        if state.level_index == len(schedule) - 1 and state.level_epoch >= schedule[-1].epochs:
+            raise MsnetError(
+                f"checkpoint {ckpt['path']} already finished {ckpt['epoch']} epochs; "
+                f"add trainer.epochs=N with N > {ckpt['epoch']} to train further"
+            )
+        state.epoch = state.history[-1]["epoch"] if state.history else 0
+        state.level_summaries = list(ckpt.get("levels", []))
+        state.wall_before = state.history[-1]["wall_time_s"] if state.history else 0.0
+        state.resumed_from = ckpt
+        return state
+
+    def finished(self, schedule: Schedule) -> bool:
+        """Whether the current level has had all its epochs."""
+        return self.level_epoch >= schedule[self.level_index].epochs
+
+    def payload(self, cfg: DictConfig, schedule: Schedule) -> Dict[str, Any]:
+        """The checkpoint of this state (:func:`msnet.runs.checkpoint.make_payload`)."""
+        return make_payload(
+            self.model, cfg, epoch=self.epoch, level=schedule[self.level_index].name,
+            rule_state=self.rule.state_dict() if self.rule is not None else None, rng=rng_state(self.generator),
+            history=self.history, position=(self.level_index, self.level_epoch), levels=self.level_summaries,
+            schedule=[lv.to_dict() for lv in schedule],
+        )
