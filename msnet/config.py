@@ -2,14 +2,77 @@
 
 The primary configs (``conf/train.yaml`` ...) list ``<cmd>_schema`` first in
 their defaults, so a misspelt key or a value of the wrong type fails when the
-config is composed, before anything runs.
+config is composed, before anything runs. Group options with settings of their own
+have a schema per option (Hydra's pattern: ``conf/optimizer/bcd.yaml`` starts with
+``defaults: [bcd_schema]``, a :class:`BCDConfig` that extends :class:`OptimizerConfig`), so
+each setting is declared once, here, and a plain run's config holds no BCD or MG/OPT keys.
+Closed choices are Enums: ``optimizer.scheduler=cosin`` fails at composition with the list
+of valid values. Open choices (registries that grow: datasets, residuals, integrators,
+optimisers, transfer operators) stay strings, checked by name before data is loaded.
 """
 
 
 from dataclasses import dataclass, field, fields, make_dataclass
+from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+
+
+class Choice(str, Enum):
+    """A closed choice whose members compare, hash, print and serialise as their values (plain strings)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Scheduler(Choice):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class Backprop(Choice):
+    store = "store"  # keep every step's state for the backward pass
+    reversible = "reversible"  # rebuild states in the backward pass (reversible integrators only)
+
+
+class Connective(Choice):
+    conv = "conv"  # 1x1 conv + pool between stages
+    pad = "pad"  # pool + zero channels
+
+
+class Stencils(Choice):
+    galerkin = "galerkin"  # the paper's R K_h P / its 9x9 inverse
+    fit = "fit"  # Galerkin, refitted on sample images (msnet.multigrid.datafit)
+
+
+class Cycle(Choice):
+    V = "V"
+    W = "W"
+
+
+class GradientRestriction(Choice):
+    transpose = "transpose"  # P^T: the coarse correction is a descent direction
+    scaled = "scaled"  # N_f / N_c R
+
+
+class LineSearch(Choice):
+    none = "none"
+    armijo = "armijo"
 
 
 @dataclass
@@ -51,12 +114,14 @@ class ModelConfig:
     classifier: str = "full_field"
     stochastic_depth: StochasticDepthConfig = field(default_factory=StochasticDepthConfig)
     widths: Optional[List[int]] = None  # channels per stage; null: channels * growth**i
-    connective: str = "conv"  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
-    backprop: str = "store"  # store | reversible (rebuild states in backward; reversible integrators)
+    connective: Connective = Connective.conv  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
+    backprop: Backprop = Backprop.store  # store | reversible (rebuild states in backward; reversible integrators)
 
 
 @dataclass
 class OptimizerConfig:
+    """A ``torch.optim`` optimiser (``optimizer=adam|adamw|sgd``) and its per-epoch learning-rate schedule."""
+
     name: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -64,10 +129,17 @@ class OptimizerConfig:
     nesterov: bool = False
     beta1: float = 0.9
     beta2: float = 0.999
-    scheduler: str = "constant"  # constant | cosine | step
+    scheduler: Scheduler = Scheduler.constant
     step_size: int = 10  # epochs between decays (step)
     gamma: float = 0.1  # decay factor (step)
-    # optimizer=bcd only (msnet/train/bcd.py, conf/optimizer/bcd.yaml); the others ignore these
+
+
+@dataclass
+class BCDConfig(OptimizerConfig):
+    """``optimizer=bcd`` (msnet/train/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
+
+    name: str = "bcd"
+    lr: float = 1.0  # first trial step length of the propagation line search
     classifier_steps: int = 5  # inexact Newton-CG steps on the classifier per iteration
     classifier_cg_iters: int = 10  # most CG iterations per classifier Newton step
     cg_iters: int = 10  # CG iterations of the propagation Gauss-Newton step
@@ -81,6 +153,8 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
+    """Single-level training (``trainer=single``), and what every trainer shares."""
+
     name: str = "single"
     epochs: int = 3
     batch_size: int = 128
@@ -92,20 +166,26 @@ class TrainerConfig:
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
     # data-parallel and GPU speed (msnet/train/distributed.py, msnet/train/speed.py); first-order optimizers only
     devices: int = 1  # K > 1: `msnet train` starts K processes with torchrun (DDP, one GPU or CPU share each)
-    precision: str = "fp32"  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
+    precision: Precision = Precision.fp32  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
-    # trainer=mgopt only (msnet/train/mgopt.py, conf/trainer/mgopt.yaml); the single trainer ignores these
+
+
+@dataclass
+class MGOptConfig(TrainerConfig):
+    """``trainer=mgopt`` (msnet/train/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
+
+    name: str = "mgopt"
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T
-    cycle: str = "V"  # V | W
+    cycle: Cycle = Cycle.V  # V | W
     nu1: int = 1  # pre-smoothing steps per level
     nu2: int = 1  # post-smoothing steps per level
     coarse_steps: int = 2  # smoother steps on the coarsest level
     coarse_lr_factor: float = 1.0  # coarse levels' learning rate = factor * optimizer.lr
     restriction: str = "injection"  # variables fine -> coarse (TIME_RESTRICTIONS)
     prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS)
-    gradient_restriction: str = "transpose"  # transpose (P^T) | scaled (N_f/N_c R)
-    line_search: str = "none"  # none | armijo (backtracking on the corrected level's objective)
+    gradient_restriction: GradientRestriction = GradientRestriction.transpose  # transpose (P^T) | scaled (N_f/N_c R)
+    line_search: LineSearch = LineSearch.none  # none | armijo (backtracking on the corrected level's objective)
     armijo_c1: float = 1.0e-4
     max_backtracks: int = 4
     cycle_loss: bool = True  # steps.jsonl: fine batch loss after each cycle (one forward, not counted as work)
@@ -120,7 +200,7 @@ class PyramidConfig:
     lr: Optional[List[Optional[float]]] = None  # per level (null entries: optimizer.lr); null: optimizer.lr on every level
     operator: str = "linear"  # image/stencil transfer (msnet.multigrid.TRANSFERS)
     sigma: float = 1.0  # Gaussian smoothing (fine pixels) before each restriction of the images
-    stencils: str = "galerkin"  # galerkin (the paper's) | fit: Galerkin refitted on sample images (multigrid.datafit)
+    stencils: Stencils = Stencils.galerkin  # galerkin (the paper's) | fit: Galerkin refitted on sample images
     fit_images: int = 256  # training images the fit uses at each prolongation
     fit_ridge: float = 1.0e-3  # pull towards the Galerkin stencils, relative to the data term
 
@@ -157,10 +237,16 @@ class TrainConfig:
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     threads: Optional[int] = None
     resume: Optional[str] = None
     init: Optional[str] = None  # warm start: weights from a checkpoint (e.g. msnet transfer's), fresh optimiser
+
+
+def settings_from(cls: type, cfg: Any) -> Any:
+    """The schema dataclass ``cls`` filled from ``cfg``'s keys of the same names: a composed (typed) group
+    config, or the plain dict a saved run's checkpoint holds; keys it lacks take the schema's defaults."""
+    return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 def _all_optional(cls: type, name: str) -> type:
@@ -195,7 +281,7 @@ class TransferConfig:
     outputs: str = "outputs"  # where to look for runs when ckpt is not given
     operator: str = "linear"
     sigma: float = 1.0  # smoothing before each image restriction (as in pyramid training)
-    stencils: str = "galerkin"  # the checkpoint written: galerkin | fit (Galerkin refitted on training images)
+    stencils: Stencils = Stencils.galerkin  # the checkpoint written: galerkin | fit (Galerkin refitted on training images)
     fit_images: int = 256  # training images of the data-fitted transfer (its row is always measured)
     fit_ridge: float = 1.0e-3
     splits: Any = field(default_factory=lambda: ["val", "test"])
@@ -218,6 +304,8 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="report_schema", node=ReportConfig)
     cs.store(name="transfer_schema", node=TransferConfig)
+    cs.store(group="optimizer", name="bcd_schema", node=BCDConfig)
+    cs.store(group="trainer", name="mgopt_schema", node=MGOptConfig)
 
 
 def compose_config(overrides: List[str], name: str = "train") -> Any:

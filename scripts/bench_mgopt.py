@@ -42,7 +42,8 @@ from msnet.data import batches, num_batches, prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.train.loop import evaluate
-from msnet.train.mgopt import MGOpt, MGOptSettings
+from msnet.config import MGOptConfig
+from msnet.train.mgopt import MGOpt, mgopt_settings
 from msnet.train.optim import build_optimizer
 from msnet.train.updates import FirstOrder, UpdateRule
 
@@ -143,10 +144,10 @@ def main() -> None:
     spec = ModelSpec(data.in_channels, data.num_classes, data.image_size, [StageSpec(args.channels, args.layers, args.T)])
     opt_cfg = OmegaConf.create({"name": args.optimizer, "lr": args.lr, "beta1": 0.9, "beta2": 0.999, "momentum": 0.9,
                                 "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"})
-    settings = MGOptSettings(levels=args.levels, cycle=args.cycle, nu1=args.nu1, nu2=args.nu2,
+    settings = MGOptConfig(levels=args.levels, cycle=args.cycle, nu1=args.nu1, nu2=args.nu2,
                              coarse_steps=args.coarse_steps, coarse_lr_factor=args.coarse_lr_factor,
                              line_search=args.line_search, cycle_loss=False)
-    MGOptSettings.from_config(OmegaConf.structured(settings))  # the same checks as trainer=mgopt
+    mgopt_settings(OmegaConf.structured(settings))  # the same checks as trainer=mgopt
     torch.manual_seed(args.seed)
     single_net = build_model(spec)
     mg_net = copy.deepcopy(single_net)

@@ -20,7 +20,8 @@ from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.train import build_optimizer, train
-from msnet.train.bcd import BCD, BCDSettings, stored_states
+from msnet.config import BCDConfig
+from msnet.train.bcd import BCD, bcd_settings, gn_subsample, stored_states
 from msnet.train.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
 from msnet.train.regularizers import build_regularizer
 from msnet.train.updates import selected_rule
@@ -195,7 +196,7 @@ def test_newton_cg_on_the_classifier_converges_quadratically_to_the_lbfgs_optimu
 def test_bcd_iteration_is_monotone_and_both_blocks_move():
     model = tiny_net(classes=4, channels=3).float()
     penalty = build_regularizer(model, OmegaConf.create({"classifier_smoothness": 1e-4, "stencil_smoothness": 1e-2}))
-    rule = BCD(model, BCDSettings(cg_iters=5, classifier_steps=3, hessian_subsample=0.5), penalty)
+    rule = BCD(model, BCDConfig(cg_iters=5, classifier_steps=3, hessian_subsample=0.5), penalty)
     torch.manual_seed(3)
     x, y = torch.randn(64, 1, 4, 4), torch.randint(0, 4, (64,))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -226,8 +227,8 @@ def test_build_optimizer_refuses_bcd_in_one_line(compose_cfg):
 def test_config_composes_as_typed(compose_cfg):
     cfg = compose_cfg("train", ["optimizer=bcd", "optimizer.cg_iters=4", "optimizer.hessian_subsample=100"])
     assert cfg.optimizer.name == "bcd" and cfg.optimizer.cg_iters == 4 and cfg.optimizer.classifier_steps == 5
-    assert BCDSettings.from_config(cfg.optimizer).subsample(1024) == 100
-    assert BCDSettings.from_config(cfg.optimizer).subsample(50) == 50
+    assert gn_subsample(bcd_settings(cfg.optimizer), 1024) == 100
+    assert gn_subsample(bcd_settings(cfg.optimizer), 50) == 50
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException):

@@ -79,7 +79,6 @@ def test_transfer_errors(runs, compose_cfg, tmp_path):
         (["source=fine", "target=coarse", f"ckpt={fine}", f"native={fine}"], "not at the target level"),
         (["source=coarser", "target=fine", f"outputs={runs}"], "no run trained at level coarser"),
         (["source=fine", "target=5", f"ckpt={fine}"], "no level of 16x16 images is 5 pixels"),
-        (["source=fine", "target=coarse", f"ckpt={fine}", "stencils=exact"], "unknown stencil transfer 'exact'"),
         (["source=fine", "target=coarse", f"ckpt={fine}", "fit_images=0"], "fit_images must be at least 1"),
     ]
     for overrides, match in cases:

@@ -80,7 +80,8 @@ def make_payload(
     payload: Dict[str, Any] = {
         "model_spec": model.spec.to_dict(),
         "model": model.state_dict(),
-        "config": OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config),
+        "config": (OmegaConf.to_container(config, resolve=True, enum_to_str=True) if isinstance(config, DictConfig)
+                   else dict(config)),
         "epoch": int(epoch),
         **state,
         "rng": dict(rng) if rng is not None else {},

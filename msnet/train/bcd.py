@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -64,6 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msnet import MsnetError
+from msnet.config import BCDConfig, settings_from
 from msnet.train.newton import (
     GaussNewton, QuadraticHessian, armijo, axpy, conjugate_gradient, cross_entropy_objective, dot, newton_cg,
 )
@@ -75,48 +75,33 @@ DAMPING_DROP, DAMPING_BOOST = 2.0 / 3.0, 1.5  # Martens 2010, Sec. 4.1
 RHO_GOOD, RHO_BAD = 0.75, 0.25
 
 
-@dataclass
-class BCDSettings:
-    """The ``optimizer`` keys BCD reads (see ``conf/optimizer/bcd.yaml``)."""
+def bcd_settings(opt_cfg: Any) -> BCDConfig:
+    """The ``optimizer`` config as a :class:`~msnet.config.BCDConfig`, range-checked; a bad value is one
+    :class:`MsnetError` line."""
+    s = settings_from(BCDConfig, opt_cfg)
+    checks = [
+        (s.lr > 0, f"optimizer.lr (bcd's first trial step) must be positive, got {s.lr}"),
+        (s.classifier_steps >= 0, f"optimizer.classifier_steps must be >= 0, got {s.classifier_steps}"),
+        (s.classifier_cg_iters >= 1, f"optimizer.classifier_cg_iters must be >= 1, got {s.classifier_cg_iters}"),
+        (s.cg_iters >= 1, f"optimizer.cg_iters must be >= 1, got {s.cg_iters}"),
+        (s.hessian_subsample > 0, f"optimizer.hessian_subsample must be a fraction in (0, 1] or a count > 1, "
+                                  f"got {s.hessian_subsample}"),
+        (0 < s.armijo_c1 < 1, f"optimizer.armijo_c1 must be in (0, 1), got {s.armijo_c1}"),
+        (0 < s.backtrack < 1, f"optimizer.backtrack must be in (0, 1), got {s.backtrack}"),
+        (s.max_backtracks >= 0, f"optimizer.max_backtracks must be >= 0, got {s.max_backtracks}"),
+        (s.damping >= 0, f"optimizer.damping must be >= 0, got {s.damping}"),
+        (s.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {s.weight_decay}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise MsnetError(message)
+    return s
 
-    lr: float = 1.0  # first trial step length of the propagation line search
-    classifier_steps: int = 5
-    classifier_cg_iters: int = 10
-    cg_iters: int = 10
-    hessian_subsample: float = 0.125  # fraction of the batch (<= 1) or a number of images (> 1)
-    armijo_c1: float = 1e-4
-    backtrack: float = 0.5
-    max_backtracks: int = 8
-    damping: float = 1e-2
-    damping_adapt: bool = True
-    weight_decay: float = 0.0
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "BCDSettings":
-        """Read and check ``cfg`` (an ``optimizer`` config); a bad value is one :class:`MsnetError` line."""
-        s = cls(**{k: type(getattr(cls, k))(cfg[k]) for k in cls.__dataclass_fields__ if k in cfg})
-        checks = [
-            (s.lr > 0, f"optimizer.lr (bcd's first trial step) must be positive, got {s.lr}"),
-            (s.classifier_steps >= 0, f"optimizer.classifier_steps must be >= 0, got {s.classifier_steps}"),
-            (s.classifier_cg_iters >= 1, f"optimizer.classifier_cg_iters must be >= 1, got {s.classifier_cg_iters}"),
-            (s.cg_iters >= 1, f"optimizer.cg_iters must be >= 1, got {s.cg_iters}"),
-            (s.hessian_subsample > 0, f"optimizer.hessian_subsample must be a fraction in (0, 1] or a count > 1, "
-                                      f"got {s.hessian_subsample}"),
-            (0 < s.armijo_c1 < 1, f"optimizer.armijo_c1 must be in (0, 1), got {s.armijo_c1}"),
-            (0 < s.backtrack < 1, f"optimizer.backtrack must be in (0, 1), got {s.backtrack}"),
-            (s.max_backtracks >= 0, f"optimizer.max_backtracks must be >= 0, got {s.max_backtracks}"),
-            (s.damping >= 0, f"optimizer.damping must be >= 0, got {s.damping}"),
-            (s.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {s.weight_decay}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MsnetError(message)
-        return s
-
-    def subsample(self, batch: int) -> int:
-        """Images of a batch of ``batch`` used for the Gauss–Newton matrix (at least 1)."""
-        n = self.hessian_subsample * batch if self.hessian_subsample <= 1 else self.hessian_subsample
-        return max(1, min(batch, int(round(n))))
+def gn_subsample(settings: BCDConfig, batch: int) -> int:
+    """Images of a batch of ``batch`` used for the Gauss–Newton matrix (at least 1)."""
+    n = settings.hessian_subsample * batch if settings.hessian_subsample <= 1 else settings.hessian_subsample
+    return max(1, min(batch, int(round(n))))
 
 
 @contextlib.contextmanager
@@ -151,7 +136,7 @@ class BCD(UpdateRule):
         cls.settings_for(cfg.optimizer, cfg.trainer)
 
     @staticmethod
-    def settings_for(opt_cfg: Any, trainer_cfg: Any) -> BCDSettings:
+    def settings_for(opt_cfg: Any, trainer_cfg: Any) -> BCDConfig:
         """The optimizer keys BCD reads, in range; and the run asks nothing that BCD decides itself."""
         if opt_cfg.get("scheduler", "constant") != "constant":
             raise MsnetError(
@@ -160,14 +145,14 @@ class BCD(UpdateRule):
             )
         if trainer_cfg.get("grad_clip") is not None:
             raise MsnetError("optimizer=bcd bounds its steps by line search; drop trainer.grad_clip")
-        return BCDSettings.from_config(opt_cfg)
+        return bcd_settings(opt_cfg)
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int, penalty: Optional[Penalty]) -> "BCD":
         """The rule for ``optimizer=bcd``; config problems are one :class:`MsnetError` line."""
         return cls(model, cls.settings_for(opt_cfg, cfg.trainer), penalty)
 
-    def __init__(self, model: nn.Module, settings: BCDSettings, penalty: Optional[Penalty] = None):
+    def __init__(self, model: nn.Module, settings: BCDConfig, penalty: Optional[Penalty] = None):
         self.model, self.settings, self.penalty = model, settings, penalty
         self.damping = settings.damping
         self.iterations = 0
@@ -224,7 +209,7 @@ class BCD(UpdateRule):
         del feats, obj
 
         # Gauss–Newton direction from the subsample.
-        n_sub = s.subsample(xb.shape[0])
+        n_sub = gn_subsample(s, xb.shape[0])
         xs = xb[:n_sub]
         lam = self.damping
         with stored_states(model), self._noise(seed):

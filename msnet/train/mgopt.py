@@ -103,6 +103,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from msnet import MsnetError
+from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid import transfer_depth
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
@@ -111,56 +112,28 @@ from msnet.train.regularizers import build_regularizer
 from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
 CYCLES = {"V": 1, "W": 2}
-"""Cycle name -> gamma, the number of recursive cycles that solve each coarse problem."""
-LINE_SEARCHES = ("none", "armijo")
-GRADIENT_RESTRICTIONS = ("transpose", "scaled")
+"""Cycle name (:class:`~msnet.config.Cycle`) -> gamma, the number of recursive cycles that solve each coarse problem."""
 FORWARD_COST = 1.0 / 3.0
 """Cost of a forward-only evaluation in gradients of the same level (backward ~ 2 forwards)."""
 
 
-@dataclass
-class MGOptSettings:
-    """The ``trainer.*`` keys of ``conf/trainer/mgopt.yaml``, checked."""
-
-    levels: int = 2
-    cycle: str = "V"
-    nu1: int = 1
-    nu2: int = 1
-    coarse_steps: int = 2
-    coarse_lr_factor: float = 1.0
-    restriction: str = "injection"
-    prolongation: str = "linear"
-    gradient_restriction: str = "transpose"
-    line_search: str = "none"
-    armijo_c1: float = 1e-4
-    max_backtracks: int = 4
-    cycle_loss: bool = True
-
-    @classmethod
-    def from_config(cls, trainer_cfg: Any) -> "MGOptSettings":
-        """Read and check the settings; a bad value is one :class:`MsnetError` line naming the fix."""
-        s = cls(**{k: OmegaConf.select(trainer_cfg, k, default=v) for k, v in cls().__dict__.items()})
-        if s.cycle not in CYCLES:
-            raise MsnetError(f"unknown trainer.cycle {s.cycle!r}; choose one of: {', '.join(CYCLES)}")
-        if s.line_search not in LINE_SEARCHES:
-            raise MsnetError(f"unknown trainer.line_search {s.line_search!r}; "
-                             f"choose one of: {', '.join(LINE_SEARCHES)}")
-        if s.gradient_restriction not in GRADIENT_RESTRICTIONS:
-            raise MsnetError(f"unknown trainer.gradient_restriction {s.gradient_restriction!r}; "
-                             f"choose one of: {', '.join(GRADIENT_RESTRICTIONS)}")
-        TIME_RESTRICTIONS.get(s.restriction)
-        TIME_PROLONGATIONS.get(s.prolongation)
-        if s.levels < 2:
-            raise MsnetError(f"trainer.levels must be at least 2 for trainer=mgopt, got {s.levels}; "
-                             "use trainer=single for one level")
-        for key in ("nu1", "nu2", "coarse_steps", "max_backtracks"):
-            if getattr(s, key) < 0:
-                raise MsnetError(f"trainer.{key} must be >= 0, got {getattr(s, key)}")
-        if not s.coarse_lr_factor > 0:
-            raise MsnetError(f"trainer.coarse_lr_factor must be positive, got {s.coarse_lr_factor}")
-        if not 0 < s.armijo_c1 < 1:
-            raise MsnetError(f"trainer.armijo_c1 must be in (0, 1), got {s.armijo_c1}")
-        return s
+def mgopt_settings(trainer_cfg: Any) -> MGOptConfig:
+    """The ``trainer`` config as an :class:`~msnet.config.MGOptConfig`, range-checked (the schema has checked
+    the types and closed choices); a bad value is one :class:`MsnetError` line naming the fix."""
+    s = settings_from(MGOptConfig, trainer_cfg)
+    TIME_RESTRICTIONS.get(s.restriction)
+    TIME_PROLONGATIONS.get(s.prolongation)
+    if s.levels < 2:
+        raise MsnetError(f"trainer.levels must be at least 2 for trainer=mgopt, got {s.levels}; "
+                         "use trainer=single for one level")
+    for key in ("nu1", "nu2", "coarse_steps", "max_backtracks"):
+        if getattr(s, key) < 0:
+            raise MsnetError(f"trainer.{key} must be >= 0, got {getattr(s, key)}")
+    if not s.coarse_lr_factor > 0:
+        raise MsnetError(f"trainer.coarse_lr_factor must be positive, got {s.coarse_lr_factor}")
+    if not 0 < s.armijo_c1 < 1:
+        raise MsnetError(f"trainer.armijo_c1 must be in (0, 1), got {s.armijo_c1}")
+    return s
 
 
 def coarse_depths(depths: List[int], levels: int) -> List[List[int]]:
@@ -298,7 +271,7 @@ class MGOpt(UpdateRule):
     def check(cls, cfg: Any) -> None:
         """The trainer keys MG/OPT reads are in range, its smoother is a ``torch.optim`` optimiser, and the
         integrator has per-step parameters to move in time."""
-        MGOptSettings.from_config(cfg.trainer)
+        mgopt_settings(cfg.trainer)
         if cfg.optimizer.name in UPDATE_RULES:
             raise MsnetError(f"trainer=mgopt smooths with a torch.optim optimiser, not optimizer={cfg.optimizer.name}; "
                              "use optimizer=adam, adamw or sgd")
@@ -311,10 +284,10 @@ class MGOpt(UpdateRule):
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
                     penalty: Optional[Penalty]) -> "MGOpt":
         """The rule for ``trainer=mgopt``; config problems are one :class:`MsnetError` line."""
-        return cls(model, MGOptSettings.from_config(cfg.trainer), opt_cfg, cfg.regularizer, epochs, penalty,
+        return cls(model, mgopt_settings(cfg.trainer), opt_cfg, cfg.regularizer, epochs, penalty,
                    cfg.trainer.get("grad_clip"))
 
-    def __init__(self, model: ODEResNet, settings: MGOptSettings, opt_cfg: Any, reg_cfg: Any, epochs: int,
+    def __init__(self, model: ODEResNet, settings: MGOptConfig, opt_cfg: Any, reg_cfg: Any, epochs: int,
                  penalty: Optional[Penalty], grad_clip: Optional[float] = None):
         self.model, self.s, self.grad_clip = model, settings, grad_clip
         self.gamma = CYCLES[settings.cycle]

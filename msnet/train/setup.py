@@ -122,8 +122,8 @@ def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
         integrator=model_cfg.integrator,
         classifier=model_cfg.classifier,
         stochastic_depth=StochasticDepth(stochastic_depth_p_last(model_cfg)),
-        connective=OmegaConf.select(model_cfg, "connective", default="conv"),
-        backprop=OmegaConf.select(model_cfg, "backprop", default="store"),
+        connective=str(OmegaConf.select(model_cfg, "connective", default="conv")),
+        backprop=str(OmegaConf.select(model_cfg, "backprop", default="store")),
     )
     spec.validate()
     return spec

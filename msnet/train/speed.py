@@ -34,15 +34,13 @@ from msnet.train.distributed import DistEnv
 from msnet.train.updates import UpdateRule
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-"""``trainer.precision`` -> the autocast dtype of the forward pass (None: no autocast)."""
+"""``trainer.precision`` (:class:`~msnet.config.Precision`) -> the autocast dtype of the forward pass (None: no autocast)."""
 
 
 def check(cfg: Any, rule: type[UpdateRule]) -> None:
     """Fail with one line if the speed options do not fit the config and its update ``rule`` (before data is loaded)."""
     tr = cfg.trainer
-    precision = tr.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise MsnetError(f"unknown trainer.precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    precision = tr.get("precision", "fp32")  # a Precision: the schema has refused other values
     if precision != "fp32" and cfg.dtype != "float32":
         raise MsnetError(f"trainer.precision={precision} needs dtype=float32 (got dtype={cfg.dtype})")
     wanted = [k for k, on in (("trainer.compile=true", tr.get("compile")),
