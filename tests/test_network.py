@@ -65,3 +65,48 @@ def test_spec_round_trip_and_validation():
         ModelSpec(1, 10, (8, 8), integrator="nope").validate()
     with pytest.raises(MsnetError, match="divisible"):
         ModelSpec(1, 10, (6, 6), [StageSpec(2, 1), StageSpec(2, 1), StageSpec(2, 1)]).validate()
+
+
+def test_bases_are_abstract_and_facts_are_declared():
+    """Abstract-or-final: a residual or integrator missing a method cannot be built; facts are class attributes."""
+    from msnet.core import INTEGRATORS, RESIDUALS, AbstractIntegrator, AbstractResidual
+
+    class Half(AbstractResidual):
+        name = "half"
+
+        def shapes(self):
+            return {}
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half(2)
+    with pytest.raises(TypeError, match="abstract"):
+        AbstractIntegrator()
+    for name in RESIDUALS.names():
+        cls = RESIDUALS.get(name)
+        assert isinstance(cls.parts, tuple) and cls.channel_multiple >= 1 and cls.name == name
+    for name in INTEGRATORS.names():
+        cls = INTEGRATORS.get(name)
+        assert set(cls.parts) <= {p for r in RESIDUALS.names() for p in RESIDUALS.get(r).parts}
+    conv = RESIDUALS.get("conv_act")(2)
+    with pytest.raises(MsnetError, match="residual 'conv_act' has no part 'y'"):
+        conv.part("y", torch.zeros(1, 2, 4, 4), {})
+
+
+def test_step_hook_and_storing_states_are_scoped():
+    """The core's named hooks set what they set only inside their ``with``, also when it raises."""
+    model = build_model(ModelSpec(1, 3, (8, 8), [StageSpec(2, 3, 1.0)], integrator="hamiltonian",
+                                  residual="hamiltonian", backprop="reversible"))
+    seen = []
+    euler = build_model(ModelSpec(1, 3, (8, 8), [StageSpec(2, 3, 1.0)]))
+    with euler.step_hook(lambda s: lambda j, state: seen.append((s, j, tuple(state.shape)))):
+        euler(torch.randn(2, 1, 8, 8))
+    assert seen == [(0, j, (2, 2, 8, 8)) for j in range(3)]
+    euler(torch.randn(2, 1, 8, 8))
+    assert len(seen) == 3 and all(b.probe is None for b in euler.blocks)
+    with pytest.raises(RuntimeError):
+        with euler.step_hook(lambda s: lambda j, state: seen.append(j)):
+            raise RuntimeError("boom")
+    assert all(b.probe is None for b in euler.blocks)
+    with model.storing_states():
+        assert [b.backprop for b in model.blocks] == ["store"]
+    assert [b.backprop for b in model.blocks] == ["reversible"]

@@ -16,6 +16,8 @@ k_n, say) without any change elsewhere.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Callable, ClassVar, Dict, Sequence, Tuple
 
 import torch
@@ -27,7 +29,7 @@ StepFunction = Callable[[int, torch.Tensor], torch.Tensor]
 """``f(j, y)``: the residual F evaluated at state ``y`` with step ``j``'s parameters."""
 
 
-class AbstractIntegrator:
+class AbstractIntegrator(abc.ABC):
     """Base of all integrators. Subclasses set the facts and implement :meth:`integrate`."""
 
     name: ClassVar[str]
@@ -36,6 +38,8 @@ class AbstractIntegrator:
     history: ClassVar[int] = 1
     stages: ClassVar[int] = 1
     per_step_params: ClassVar[bool] = True
+    parts: ClassVar[Tuple[str, ...]] = ()
+    """The parts of a partitioned field (:attr:`AbstractResidual.parts`) the scheme evaluates alone; () for none."""
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Per-step parameters the scheme itself learns (shape of one step). None by default."""
@@ -44,9 +48,9 @@ class AbstractIntegrator:
     def init_(self, params: Params) -> None:
         """Initialise the scheme's own stacked per-step parameters in place."""
 
+    @abc.abstractmethod
     def integrate(self, f: StepFunction, y0: torch.Tensor, h: float, n_steps: int, params: Params) -> torch.Tensor:
         """Return y_N from y_0 ``(B, C, H, W)`` after ``n_steps`` steps of size ``h``."""
-        raise NotImplementedError
 
     @classmethod
     def facts(cls) -> Dict[str, object]:
@@ -111,6 +115,8 @@ class Euler(ExplicitRungeKutta):
     b = (1.0,)
 
     def step(self, f: StepFunction, j: int, h: float, y: torch.Tensor) -> torch.Tensor:
+        # A fast path, not a different method: the tableau's general step gives the same y + h k_1
+        # with one more tensor per step (the ResNet, msnet's default, runs through here).
         return y + h * f(j, y)
 
 

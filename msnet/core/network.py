@@ -11,9 +11,10 @@ Shapes: images ``(B, C_in, H, W)``, states ``(B, C_s, H_s, W_s)``, logits ``(B, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ from msnet.core.activations import ACTIVATIONS
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator
 from msnet.core.residual import RESIDUALS, AbstractResidual
 from msnet.core.reversible import check_scheme, odeint_scheme, uses_scheme
+from msnet.registry import Registry
 
 
 @dataclass
@@ -89,10 +91,7 @@ class ModelSpec:
         RESIDUALS.get(self.residual)
         ACTIVATIONS.get(self.activation)
         INTEGRATORS.get(self.integrator)
-        if self.classifier not in CLASSIFIERS:
-            raise MsnetError(
-                f"unknown classifier {self.classifier!r}; choose one of: {', '.join(sorted(CLASSIFIERS))}"
-            )
+        CLASSIFIERS.get(self.classifier)
         if not self.stages:
             raise MsnetError("the model needs at least one stage (model.stages)")
         check_p_last(self.stochastic_depth.p_last)
@@ -135,7 +134,7 @@ class ODEBlock(nn.Module):
         self.T = float(T)
         self.params = nn.ParameterDict()
         # probe(j, state): called before each residual evaluation of step j (explicit
-        # integrators only); msnet.multigrid.datafit sets it for a moment, None otherwise.
+        # integrators only); set only inside step_hook(), None otherwise.
         self.probe: Optional[Callable[[int, torch.Tensor], None]] = None
         self._build(layers)
 
@@ -259,7 +258,9 @@ class GAPClassifier(nn.Module):
         return self.linear(y.mean(dim=(2, 3)))
 
 
-CLASSIFIERS = {"full_field": FullFieldClassifier, "gap": GAPClassifier}
+CLASSIFIERS: Registry[type[nn.Module]] = Registry("classifier")
+CLASSIFIERS.register("full_field")(FullFieldClassifier)
+CLASSIFIERS.register("gap")(GAPClassifier)
 
 
 class Connective(nn.Module):
@@ -292,13 +293,14 @@ class PadConnective(nn.Module):
         return F.pad(F.avg_pool2d(y, 2), (0, 0, 0, 0, self.front, self.back))
 
 
-CONNECTIVES = {"conv": Connective, "pad": PadConnective}
+CONNECTIVES: Registry[type[nn.Module]] = Registry("model.connective")
+CONNECTIVES.register("conv")(Connective)
+CONNECTIVES.register("pad")(PadConnective)
 
 
 def check_connective(name: str, widths: List[int]) -> None:
     """Fail with one line unless connective ``name`` can join stages of these channel counts."""
-    if name not in CONNECTIVES:
-        raise MsnetError(f"unknown model.connective {name!r}; choose one of: {', '.join(sorted(CONNECTIVES))}")
+    CONNECTIVES.get(name)
     if name == "pad" and any(b < a for a, b in zip(widths, widths[1:])):
         raise MsnetError(
             f"model.connective=pad grows channels by zero padding, but the stage widths {widths} shrink; "
@@ -324,11 +326,11 @@ class ODEResNet(nn.Module):
             for s in spec.stages
         )
         self.connectives = nn.ModuleList(
-            CONNECTIVES[spec.connective](a.channels, b.channels, act) for a, b in zip(spec.stages[:-1], spec.stages[1:])
+            CONNECTIVES.get(spec.connective)(a.channels, b.channels, act) for a, b in zip(spec.stages[:-1], spec.stages[1:])
         )
         shrink = 2 ** (len(spec.stages) - 1)
         final = (spec.image_size[0] // shrink, spec.image_size[1] // shrink)
-        self.classifier = CLASSIFIERS[spec.classifier](spec.stages[-1].channels, final, spec.num_classes)
+        self.classifier = CLASSIFIERS.get(spec.classifier)(spec.stages[-1].channels, final, spec.num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The final state y(T) of the last stage, ``(B, C_last, H_last, W_last)``."""
@@ -339,6 +341,32 @@ class ODEResNet(nn.Module):
                 y = self.connectives[s - 1](y)
             y = block(y, survival[s] if survival is not None else None)
         return y
+
+    @contextlib.contextmanager
+    def storing_states(self) -> Iterator[None]:
+        """Inside, every stage keeps its states for the backward pass (``backprop=store``), whatever the
+        spec says: forward-mode AD (jvp) cannot pass the reversible autograd Function."""
+        saved = [b.backprop for b in self.blocks]
+        try:
+            for b in self.blocks:
+                b.backprop = "store"
+            yield
+        finally:
+            for b, old in zip(self.blocks, saved):
+                b.backprop = old
+
+    @contextlib.contextmanager
+    def step_hook(self, hook_for: Callable[[int], Callable[[int, torch.Tensor], None]]) -> Iterator[None]:
+        """Inside, stage s calls ``hook_for(s)(j, state)`` before each residual evaluation of its step j, with
+        the state ``(B, C, H, W)`` F is about to see (explicit integrators; msnet.multigrid.datafit reads and
+        refits each step's stencil there). Cleared on the way out, also after an exception."""
+        try:
+            for s, block in enumerate(self.blocks):
+                block.probe = hook_for(s)
+            yield
+        finally:
+            for block in self.blocks:
+                block.probe = None
 
     def survival_probabilities(self) -> Optional[List[torch.Tensor]]:
         """Stochastic depth's p_l per stage, ``(N_stage,)`` float64 each; None when it is off.

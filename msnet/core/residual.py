@@ -9,38 +9,53 @@ read and write them as whole per-step tensors (``K: (N, C, C, 3, 3)``).
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import ClassVar, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from msnet import MsnetError
 from msnet.core.activations import ACTIVATIONS
 from msnet.registry import Registry
 
 Params = Dict[str, torch.Tensor]
 
 
-class AbstractResidual:
-    """F(y; theta) for states ``y`` of shape ``(B, C, H, W)``; ``theta`` holds one step's tensors."""
+class AbstractResidual(abc.ABC):
+    """F(y; theta) for states ``y`` of shape ``(B, C, H, W)``; ``theta`` holds one step's tensors.
+
+    Facts a subclass declares: ``name``; ``parts`` (the named parts of a partitioned field that
+    a scheme may evaluate alone, e.g. ``("y", "z")`` for the Hamiltonian; empty for a whole
+    field) and ``channel_multiple`` (the channel count must be a multiple of it).
+    """
 
     name: ClassVar[str]
+    parts: ClassVar[Tuple[str, ...]] = ()
+    channel_multiple: ClassVar[int] = 1
 
     def __init__(self, channels: int, activation: str = "tanh"):
         self.channels = channels
         self.activation_name = activation
         self.activation = ACTIVATIONS.get(activation)
 
+    @abc.abstractmethod
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Shape of each parameter for ONE time step (the block adds the leading N axis)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def init_(self, params: Params) -> None:
         """Initialise stacked per-step parameters ``(N, *shape)`` in place."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
-        raise NotImplementedError
+        """F(y; theta), the same shape as ``y``."""
+
+    def part(self, name: str, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        """The part ``name`` (one of :attr:`parts`) of F at ``y``; residuals without parts have none."""
+        raise MsnetError(f"residual {self.name!r} has no part {name!r} (its parts: {list(self.parts)})")
 
 
 RESIDUALS: Registry[type[AbstractResidual]] = Registry("residual function")

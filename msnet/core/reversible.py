@@ -67,6 +67,8 @@ backward is not supported.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
@@ -112,7 +114,7 @@ def residual_evaluator(residual: AbstractResidual, theta: Params) -> Evaluate:
     def evaluate(u: Update, x: torch.Tensor) -> torch.Tensor:
         if u.part is None:
             return residual(x, theta)
-        return residual.part(u.part, x, theta)  # type: ignore[attr-defined]
+        return residual.part(u.part, x, theta)
 
     return evaluate
 
@@ -130,15 +132,14 @@ class ReversibleScheme(AbstractIntegrator):
     first: ClassVar[Tuple[Update, ...]]
     rest: ClassVar[Tuple[Update, ...]]
     perm: ClassVar[Tuple[int, ...]]
-    parts: ClassVar[Tuple[str, ...]] = ()
 
+    @abc.abstractmethod
     def start(self, y0: torch.Tensor) -> State:
         """The state before step 0, from y_0 ``(B, C, H, W)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self, state: State) -> torch.Tensor:
         """y ``(B, C, H, W)`` from a state."""
-        raise NotImplementedError
 
     def updates(self, j: int) -> Tuple[Update, ...]:
         """The sub-steps of step j."""
@@ -342,8 +343,8 @@ class HamiltonianResidual(AbstractResidual):
     """
 
     name = "hamiltonian"
-    parts: ClassVar[Tuple[str, ...]] = ("y", "z")
-    channel_multiple: ClassVar[int] = 2
+    parts = ("y", "z")
+    channel_multiple = 2
 
     def __init__(self, channels: int, activation: str = "tanh"):
         if channels % 2:
@@ -419,14 +420,14 @@ def check_scheme(integrator_cls: type, residual_cls: type, backprop: str, widths
             f"model.backprop=reversible needs a reversible integrator, and {integrator!r} is not; "
             f"use model.integrator= one of: {', '.join(reversible_names())} (or model.backprop=store)"
         )
-    needs = set(getattr(integrator_cls, "parts", ()))
-    if not needs <= set(getattr(residual_cls, "parts", ())):
-        fits = [r for r in RESIDUALS.names() if needs <= set(getattr(RESIDUALS.get(r), "parts", ()))]
+    needs = set(integrator_cls.parts)
+    if not needs <= set(residual_cls.parts):
+        fits = [r for r in RESIDUALS.names() if needs <= set(RESIDUALS.get(r).parts)]
         raise MsnetError(
             f"integrator {integrator!r} steps the parts {sorted(needs)} of a partitioned field, "
             f"which residual {residual!r} lacks; use model.residual= one of: {', '.join(fits)}"
         )
-    multiple = getattr(residual_cls, "channel_multiple", 1)
+    multiple = residual_cls.channel_multiple
     if any(c % multiple for c in widths):
         raise MsnetError(
             f"residual {residual!r} needs channel counts divisible by {multiple}, got stage widths {list(widths)}"

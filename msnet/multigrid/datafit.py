@@ -111,13 +111,8 @@ def _fit_conv(
 def _first_inputs(model: ODEResNet, x: torch.Tensor) -> Tuple[Dict[Tuple[int, int], torch.Tensor], torch.Tensor]:
     """Each step's first residual input ``{(stage, step): state}`` and the final features, for ``x``."""
     seen: Dict[Tuple[int, int], torch.Tensor] = {}
-    for s, block in enumerate(model.blocks):
-        block.probe = lambda j, state, s=s: seen.setdefault((s, j), state)
-    try:
+    with model.step_hook(lambda s: lambda j, state: seen.setdefault((s, j), state)):
         out = model.features(x)
-    finally:
-        for block in model.blocks:
-            block.probe = None
     return seen, out
 
 
@@ -177,14 +172,9 @@ def fit_transfer(
 
                 return probe
 
-            for s, block in enumerate(target.blocks):
-                block.probe = probe_for(s)
-            try:
+            with target.step_hook(probe_for):
                 # each step is fitted before it is evaluated, so this is the fitted network's output
                 after = mismatch(src_feat, target.features(x_target))
-            finally:
-                for block in target.blocks:
-                    block.probe = None
     finally:
         source.train(modes[0])
         target.train(modes[1])

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,7 @@ import torch.nn.functional as F
 
 from msnet import MsnetError
 from msnet.config import BCDConfig, settings_from
+from msnet.core import ODEResNet
 from msnet.train.newton import (
     GaussNewton, QuadraticHessian, armijo, axpy, conjugate_gradient, cross_entropy_objective, dot, newton_cg,
 )
@@ -104,19 +105,10 @@ def gn_subsample(settings: BCDConfig, batch: int) -> int:
     return max(1, min(batch, int(round(n))))
 
 
-@contextlib.contextmanager
-def stored_states(model: nn.Module) -> Iterator[None]:
-    """Run the stages with ``backprop=store`` inside: forward-mode AD (jvp) cannot pass the
-    reversible autograd Function, and the subsample's states are small."""
-    blocks = [b for b in model.modules() if hasattr(b, "backprop")]
-    saved = [b.backprop for b in blocks]
-    try:
-        for b in blocks:
-            b.backprop = "store"
-        yield
-    finally:
-        for b, old in zip(blocks, saved):
-            b.backprop = old
+def stored_states(model: nn.Module) -> ContextManager[None]:
+    """Run the stages with ``backprop=store`` inside (:meth:`ODEResNet.storing_states`): forward-mode AD (jvp)
+    cannot pass the reversible autograd Function, and the subsample's states are small."""
+    return model.storing_states() if isinstance(model, ODEResNet) else contextlib.nullcontext()
 
 
 @UPDATE_RULES.register("bcd")
@@ -189,7 +181,7 @@ class BCD(UpdateRule):
         every = theta + classifier
         wd = s.weight_decay
         seed = None
-        if getattr(model, "survival_probabilities", lambda: None)() is not None:
+        if isinstance(model, ODEResNet) and model.survival_probabilities() is not None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
 
         def objective(logits: torch.Tensor) -> torch.Tensor:
