@@ -95,6 +95,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
+    reversible_tf32: bool = False  # let reversible stages use TF32 convolutions on CUDA (default: IEEE float32)
     # trainer=mgopt only (msnet/train/mgopt.py, conf/trainer/mgopt.yaml); the single trainer ignores these
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T
     cycle: str = "V"  # V | W
