@@ -270,6 +270,8 @@ def md_table(rows: List[Dict[str, Any]], columns: Optional[List[str]] = None) ->
 
 def step_summary(name: str, rec: Dict[str, Any]) -> str:
     res = rec.get("result") or {}
+    if rec.get("reason"):
+        return rec["reason"]
     if name == "env":
         return res.get("gpu", "no GPU") if res else ""
     if name == "cuda_tests" and res:
@@ -390,11 +392,18 @@ def main() -> int:
                               "command": command.strip(), "budget_s": budget, "steps": {}}
     min_s = 5.0 if dry else MIN_STEP_S
     t0 = time.perf_counter()
+
+    def write() -> None:  # after every step, so that a check killed from outside keeps what it finished
+        report["total_s"] = round(time.perf_counter() - t0, 1)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (out / "gpu_check.md").write_text(markdown(report))
+
     steps = [s for s in STEPS if wanted is None or s.name in wanted]
     for i, step in enumerate(steps):
-        left = budget - (time.perf_counter() - t0) - min_s * (len(steps) - i - 1)
+        # each later step keeps min_s of the budget; this one gets at least min_s while that much is left
+        left = budget - (time.perf_counter() - t0)
         cap = max(20.0, step.cap_s / 10) if dry else step.cap_s
-        timeout = min(cap, left)
+        timeout = min(cap, left if left < min_s else max(min_s, left - min_s * (len(steps) - i - 1)))
         start = log.stat().st_size
         with log.open("a") as f:
             f.write(f"\n===== {step.name}: {step.title} (timeout {timeout:.0f} s) =====\n")
@@ -407,13 +416,12 @@ def main() -> int:
             if rec["status"] != "ok":
                 rec["tail"] = log_tail(log, start)
         report["steps"][step.name] = rec
+        write()
         if step.name == "env" and not dry and not (rec.get("result") or {}).get("cuda_available"):
             print("gpu_check: no CUDA device is visible; the real check needs one (use --dry-run on a CPU)")
             report["error"] = "no CUDA device visible"
             break
-    report["total_s"] = round(time.perf_counter() - t0, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (out / "gpu_check.md").write_text(markdown(report))
+    write()
     print(f"gpu_check: {report['total_s']} s; results in {out}/gpu_check.md, .json, .log")
     failed = [n for n, r in report["steps"].items() if r["status"] != "ok"]
     if not dry and not report.get("error") and (REPO / "docs" / "gpu.md").exists():
