@@ -169,6 +169,7 @@ class TrainerConfig:
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
+    reversible_tf32: bool = False  # let reversible stages use TF32 convolutions on CUDA (default: IEEE float32)
 
 
 @dataclass

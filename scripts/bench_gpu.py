@@ -13,6 +13,10 @@ happens in a warm-up epoch and is reported separately (seconds).
 
     .venv/bin/python scripts/bench_gpu.py                  # GPU: depths 4 and 32, eager/compiled, fp32/bf16
     .venv/bin/python scripts/bench_gpu.py --quick          # any device: depth 4, fp32, eager, 1,024 images
+    .venv/bin/python scripts/bench_gpu.py --json rows.json # also write the rows (after each one)
+
+Eager rows come first, so that a run cut short (scripts/gpu_check.sh gives it a timeout)
+keeps them; compiled rows pay a compilation each.
 
 Without a GPU only the --quick row runs (on the CPU), and the script says so: the GPU table
 needs a CUDA device.
@@ -23,8 +27,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +109,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--quick", action="store_true", help="depth 4, fp32, eager, 1,024 images, 2 repeats")
+    ap.add_argument("--dataset", default="auto", choices=["auto", "fashion_mnist", "synthetic"],
+                    help="auto: Fashion-MNIST if on disk, else synthetic 28x28")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (after each row)")
     args = ap.parse_args()
 
     console = RunConsole()
@@ -116,18 +125,24 @@ def main() -> None:
     images, repeats = (min(args.images, 1024), min(args.repeats, 2)) if args.quick else (args.images, args.repeats)
 
     try:
+        if args.dataset == "synthetic":
+            raise LookupError("synthetic data asked for")
         dcfg = OmegaConf.structured(DatasetConfig(name="fashion_mnist", download=False, train_subset=images))
         data = prepare_data(dcfg, device)
         source = "Fashion-MNIST 28x28"
     except Exception:
+        if args.dataset == "fashion_mnist":
+            raise
         dcfg = OmegaConf.structured(DatasetConfig(name="synthetic", n_train=images + 500, val_size=500,
                                                   image_size=28, num_classes=10))
         data = prepare_data(dcfg, device)
         source = "synthetic 28x28"
     x, y = data.x_train, data.y_train
 
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     rows = []
-    for depth, (compiled, precision) in itertools.product(depths, variants):
+    # eager rows first (variants are (compiled, precision) with False < True)
+    for (compiled, precision), depth in itertools.product(variants, depths):
         spec = ModelSpec(data.in_channels, data.num_classes, data.image_size, [StageSpec(args.channels, depth, 1.0)])
         loops = {}
         for name, make in (("hand", hand_written), ("msnet", msnet_loop)):
@@ -147,12 +162,16 @@ def main() -> None:
                "warm-up s (hand, msnet)": f"{warm['hand']:.1f}, {warm['msnet']:.1f}"}
         rows.append(row)
         console.print("  ".join(f"{k} {v}" for k, v in row.items()))
+        if args.json:
+            args.json.write_text(json.dumps({
+                "script": "bench_gpu", "date": str(datetime.date.today()), "device": machine, "torch": torch.__version__,
+                "setting": {"data": source, "images": int(x.shape[0]), "batch_size": args.batch_size,
+                            "channels": args.channels, "repeats": repeats}, "rows": rows}, indent=1))
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     console.print(records_table(
         f"images/second, {source}, {x.shape[0]} images, batch {args.batch_size}, {args.channels} channels, "
         f"median of {repeats}", rows, list(rows[0])))
-    console.print(f"{datetime.date.today()}  {name}  torch {torch.__version__}"
+    console.print(f"{datetime.date.today()}  {machine}  torch {torch.__version__}"
                   + ("" if device.type == "cuda" else "  (the GPU table needs a CUDA device)"))
 
 

@@ -18,7 +18,7 @@ step (forward, loss, backward) on a fixed batch. For each depth and mode it repo
 Goals: reversible saved bytes at depth 64 within 1.2x of depth 4; reversible step
 time <= 1.6x store.
 
-    .venv/bin/python scripts/bench_memory.py [--depths 4 16 64 256] [--channels 32] [--size 28] [--batch 64]
+    .venv/bin/python scripts/bench_memory.py [--depths 4 16 64 256] [--channels 32] [--size 28] [--batch 64] [--json F]
 
 The defaults are a Fashion-MNIST-sized layer (the first unit of conf/model/hamiltonian.yaml).
 Reversible backward calls ``torch.autograd.grad`` once per sub-step from inside a
@@ -29,8 +29,11 @@ backward (a re-entrant call, ~0.1-1 ms each on the CPU), so on very small layers
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import torch
@@ -115,6 +118,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time is the step's own work)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (after each row)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -135,6 +139,18 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     summary: List[Tuple[str, float, float]] = []
+    records: List[Dict] = []
+
+    def write_json() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({
+                "script": "bench_memory", "date": str(datetime.date.today()),
+                "device": torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+                "torch": torch.__version__, "clock": clock,
+                "setting": {k: v for k, v in vars(args).items() if k != "json"}, "rows": records,
+                "goals": [{"integrator": n, "memory_growth": m, "worst_time_ratio": t} for n, m, t in summary]},
+                indent=1))
+
     for name in args.integrators:
         rows = {}
         for depth in args.depths:
@@ -154,12 +170,21 @@ def main() -> None:
                   + (f"{mib(peak['store']):>14} {mib(peak['reversible']):>10} | " if cuda else "")
                   + f"{t['store']:>12.4f} {t['reversible']:>10.4f} {t['reversible'] / t['store']:>6.2f}"
                   + ("" if cuda else f" | {wall['store']:>12.4f} {wall['reversible']:>10.4f}"), flush=True)
+            records.append({
+                "integrator": name, "depth": depth,
+                "saved MiB store": round(mem["store"] / 2**20, 2), "saved MiB reversible": round(mem["reversible"] / 2**20, 2),
+                **({"peak MiB store": round(peak["store"] / 2**20, 2),
+                    "peak MiB reversible": round(peak["reversible"] / 2**20, 2)} if cuda else {}),
+                f"{clock} s store": round(t["store"], 5), f"{clock} s reversible": round(t["reversible"], 5),
+                "time ratio": round(t["reversible"] / t["store"], 3)})
+            write_json()
         lo = min(args.depths)
         hi = max((d for d in args.depths if d <= 64), default=max(args.depths))
         mem_growth = rows[hi][0]["reversible"] / rows[lo][0]["reversible"]
         store_growth = rows[hi][0]["store"] / rows[lo][0]["store"]
         worst_time = max(r[1]["reversible"] / r[1]["store"] for r in rows.values())
         summary.append((name, mem_growth, worst_time))
+        write_json()
         print(f"{'':<12} saved bytes depth {hi} / depth {lo}: reversible {mem_growth:.3f} (goal <= 1.2), "
               f"store {store_growth:.2f}; worst time ratio reversible/store {worst_time:.2f} (goal <= 1.6)")
     ok = all(m <= 1.2 and t <= 1.6 for _, m, t in summary)

@@ -19,9 +19,10 @@ DATA_ROOT = Path(os.environ.get("MSNET_DATA", "~/.cache/msnet/data")).expanduser
 
 
 def fashion_available() -> bool:
-    """Fashion-MNIST is on disk (Debian's package, or already staged under the data root)."""
+    """Fashion-MNIST is on disk (Debian's package, $MSNET_FASHION_DIR, or already staged under the data root)."""
     staged = DATA_ROOT / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
-    return staged.exists() or (FASHION_SYSTEM_DIR / "train-images-idx3-ubyte.gz").exists()
+    dirs = [FASHION_SYSTEM_DIR] + ([Path(os.environ["MSNET_FASHION_DIR"])] if os.environ.get("MSNET_FASHION_DIR") else [])
+    return staged.exists() or any((d / "train-images-idx3-ubyte.gz").exists() for d in dirs)
 
 
 def loglog_slope(hs, errors) -> float:
@@ -36,6 +37,18 @@ def loglog_slope(hs, errors) -> float:
 needs_fashion = pytest.mark.skipif(
     not fashion_available(), reason="Fashion-MNIST not on disk (apt-get install -y dataset-fashion-mnist)"
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where no GPU is visible (``pytest -m cuda`` selects them on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -119,3 +119,26 @@ def test_fashion_mnist_offline_from_disk():
     assert d.sizes() == {"train": 55000, "val": 5000, "test": 10000}
     assert d.image_size == (28, 28) and d.num_classes == 10
     assert sorted(d.y_test.unique().tolist()) == list(range(10))
+
+
+def _write_idx_gz(path, array: np.ndarray) -> None:
+    """An IDX file (big-endian dims after the magic 0x08 0x<ndim>) of uint8 ``array``, gzipped."""
+    import gzip
+    import struct
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_found_in_msnet_fashion_dir(tmp_path, monkeypatch):
+    """$MSNET_FASHION_DIR (e.g. a checkout's data/fashion-mnist/) is looked at before the Debian folder."""
+    src = tmp_path / "fashion-mnist"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("t10k", 3)):
+        _write_idx_gz(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 5, 5)))
+        _write_idx_gz(src / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    monkeypatch.setenv("MSNET_FASHION_DIR", str(src))
+    raw = DATASETS.get("fashion_mnist")(dcfg(name="fashion_mnist", root=str(tmp_path / "root"), download=False))
+    assert raw.x_train.shape == (6, 1, 5, 5) and raw.x_test.shape == (3, 1, 5, 5)

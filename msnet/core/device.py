@@ -1,6 +1,10 @@
-"""Choice of compute device and floating-point type."""
+"""Choice of compute device and floating-point type, and the float32 convolution precision reversible stages
+need on a GPU."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -29,3 +33,28 @@ def resolve_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise MsnetError(f"unknown dtype {name!r}; use dtype=float32 or dtype=float64") from None
+
+
+@contextmanager
+def ieee_fp32_convolutions(enabled: bool = True) -> Iterator[None]:
+    """cuDNN convolutions in full IEEE float32 (TensorFloat-32 off) inside the block.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 (10 bits of mantissa, relative
+    rounding ~5e-4) on Ampere and later GPUs by default. This sets the per-operator flag
+    ``torch.backends.cudnn.conv.fp32_precision`` to ``"ieee"`` and restores the value it
+    found on exit, also when the block raises. Only the convolution flag is touched (the
+    API PyTorch recommends; matrix products and cuDNN RNNs keep theirs), so while the
+    block runs the legacy aggregate getter ``torch.backends.cudnn.allow_tf32`` may raise
+    that conv and RNN flags differ. ``enabled=False``: does nothing. A no-op on the CPU,
+    which has no TF32 convolutions.
+    """
+    if not enabled:
+        yield
+        return
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = saved

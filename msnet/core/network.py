@@ -117,8 +117,12 @@ class ODEBlock(nn.Module):
     through :meth:`step_parameters` (e.g. ``K (N, C, C, 3, 3)``, ``b (N, C)``);
     step j acts on [t_j, t_{j+1}) with t_j = j h (:meth:`time_grid`).
     ``backprop="reversible"`` (reversible integrators only) rebuilds the states in
-    backward instead of storing them (:mod:`msnet.core.reversible`).
+    backward instead of storing them (:mod:`msnet.core.reversible`); on CUDA it runs
+    its convolutions in IEEE float32 unless ``reversible_tf32`` is set
+    (:func:`set_reversible_tf32`, ``trainer.reversible_tf32``).
     """
+
+    reversible_tf32: bool = False
 
     def __init__(
         self, residual: AbstractResidual, integrator: AbstractIntegrator, layers: int, T: float,
@@ -197,7 +201,8 @@ class ODEBlock(nn.Module):
         if uses_scheme(self.integrator):
             scales = None if survival is None else _step_scales(survival, self.training)
             params = self.step_parameters()
-            return odeint_scheme(self.integrator, self.residual, y, self.h, params, scales, self.backprop)
+            return odeint_scheme(self.integrator, self.residual, y, self.h, params, scales, self.backprop,
+                                 self.reversible_tf32)
         res_names = list(self.residual.shapes())
         res = [self.params[k] for k in res_names]
         own = {k: self.params[k] for k in self.integrator.shapes()}
@@ -210,6 +215,22 @@ class ODEBlock(nn.Module):
         if survival is not None:
             f = _gated(f, survival, self.training)
         return self.integrator.integrate(f, y, self.h, self.layers, own)
+
+
+def set_reversible_tf32(model: nn.Module, allowed: bool) -> None:
+    """Let the reversible stages of ``model`` run TF32 convolutions on CUDA (``allowed``), or not (the default).
+
+    By default a stage with ``backprop="reversible"`` runs its forward and its rebuilding
+    backward with cuDNN convolutions in IEEE float32, whatever the global TF32 setting, so
+    that its gradients agree with stored-activation backprop to float32 round-off on a
+    GPU as on the CPU (:class:`~msnet.core.reversible.PrecisionState`). ``allowed=True``
+    leaves them to the global setting (TF32 on Ampere and later by default): faster, and
+    measured against the exact path by ``scripts/reversible_precision.py``. Other stages
+    and the CPU are unaffected.
+    """
+    for block in model.modules():
+        if isinstance(block, ODEBlock):
+            block.reversible_tf32 = bool(allowed)
 
 
 class FullFieldClassifier(nn.Module):

@@ -10,6 +10,7 @@ or where to put the files.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,19 @@ def _torchvision_idx(cfg: Any, cls_name: str, folder: str, system_dirs: Sequence
 
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(cfg: Any) -> RawData:
-    """Fashion-MNIST (Xiao et al. 2017), 28x28 grey, 10 classes, 60k/10k. Offline via Debian's package."""
+    """Fashion-MNIST (Xiao et al. 2017), 28x28 grey, 10 classes, 60k/10k. Offline via Debian's package.
+
+    The four ``*-ubyte.gz`` files are also found in ``$MSNET_FASHION_DIR`` (looked at first),
+    e.g. a git-ignored ``data/fashion-mnist/`` that travels with a checkout to a machine
+    without the package (``scripts/stage_gpu_check.sh``).
+    """
     return _torchvision_idx(
         cfg,
         "FashionMNIST",
         "FashionMNIST",
-        ("/usr/share/datasets/fashion-mnist",),
+        tuple(d for d in (os.environ.get("MSNET_FASHION_DIR"), "/usr/share/datasets/fashion-mnist") if d),
         "install it with `apt-get install -y dataset-fashion-mnist`, or put the four IDX files "
-        "in that folder, or run where the network is reachable",
+        "(.gz) in a folder named by MSNET_FASHION_DIR, or run where the network is reachable",
     )
 
 

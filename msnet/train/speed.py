@@ -17,6 +17,13 @@ The first batches of every level pay the compilation (tens of seconds; a new lev
 shapes), and stochastic depth recompiles for each new pattern of dropped steps (the gates
 are Python floats in the graph), so prefer eager mode with it.
 
+``trainer.reversible_tf32`` (default false): reversible stages (``model.backprop=reversible``)
+run their convolutions in IEEE float32 on CUDA, so that the states they rebuild, and so the
+gradients, agree with stored-activation backprop to float32 round-off; ``true`` lets them use
+TF32 like the rest of the network (:func:`msnet.core.network.set_reversible_tf32`). Under
+bf16 a reversible stage keeps its state in float32 and its backward replays the forward's
+autocast (:class:`msnet.core.reversible.PrecisionState`), so bf16 needs no special case.
+
 Evaluation (validation, test) always runs the plain float32 network in eager mode.
 A CPU run needs none of these: the defaults (fp32, no compile, auto layout) change nothing there.
 """
@@ -29,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from msnet import MsnetError
+from msnet.core.network import set_reversible_tf32
 from msnet.train import distributed
 from msnet.train.distributed import DistEnv
 from msnet.train.updates import UpdateRule
@@ -94,8 +102,9 @@ def prepare_update(update: UpdateRule, model: nn.Module, cfg: Any, env: DistEnv,
     trainer evaluates and checkpoints; with ``channels_last`` its 4-D weights change layout
     in place (:func:`to_channels_last`; same Parameter objects, so the optimiser still holds them). Other rules are
     returned as they are (:func:`check` and :func:`msnet.train.distributed.check` refused
-    the options they cannot take).
+    the options they cannot take). ``trainer.reversible_tf32`` reaches every rule's model.
     """
+    set_reversible_tf32(model, bool(cfg.trainer.get("reversible_tf32", False)))
     if not update.speed_options:
         return update
     tr = cfg.trainer
