@@ -105,3 +105,13 @@ def test_rooms_import_one_way():
     assert not [d for d in graph["msnet.train.distributed"] if d.startswith("msnet.train")]
     for task in ("msnet.tasks.evaluate", "msnet.tasks.transfer"):
         assert reaches(task, "msnet.train.api") == [] and reaches(task, "msnet.train") == ["msnet.train.loop"], task
+
+
+def test_every_function_reads_on_one_screen():
+    """No function in the package reaches 100 lines (the trainer's route included)."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 100:
+                long.append(f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

@@ -236,10 +236,7 @@ class BCD(UpdateRule):
         actual = f0 - f1
         rho = actual / predicted if a > 0 and predicted > 0 else None
         if s.damping_adapt:
-            if rho is None or rho < RHO_BAD:
-                self.damping = min(DAMPING_RANGE[1], max(self.damping, DAMPING_RANGE[0]) * DAMPING_BOOST)
-            elif rho > RHO_GOOD:
-                self.damping = max(DAMPING_RANGE[0], self.damping * DAMPING_DROP)
+            self._adapt_damping(rho)
 
         # Classifier block: Newton–CG on the fixed features of the accepted network.
         newton = newton_cg(model.classifier, feats1, yb, s.classifier_steps, s.classifier_cg_iters,
@@ -275,6 +272,14 @@ class BCD(UpdateRule):
         }
         self._accumulate(info)
         return StepOutput(torch.as_tensor(loss0, dtype=torch.float64, device=xb.device), logits0, info)
+
+    def _adapt_damping(self, rho: Optional[float]) -> None:
+        """Levenberg–Marquardt: more damping when the model over-promised (rho < 1/4, or no step was taken),
+        less when it was trustworthy (rho > 3/4); kept within DAMPING_RANGE (Martens 2010, Sec. 4.1)."""
+        if rho is None or rho < RHO_BAD:
+            self.damping = min(DAMPING_RANGE[1], max(self.damping, DAMPING_RANGE[0]) * DAMPING_BOOST)
+        elif rho > RHO_GOOD:
+            self.damping = max(DAMPING_RANGE[0], self.damping * DAMPING_DROP)
 
     # --- bookkeeping ----------------------------------------------------------------------
     def _reset_epoch(self) -> None:
