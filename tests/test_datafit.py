@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,8 +81,19 @@ def test_every_fitted_layer_solves_its_normal_equations(direction, op):
         target = transfer_resolution(source, -1, op)
         x_s, x_t, on_target, on_source = x_f, x_c, ident, pair.restrict
     galerkin = {k: v.clone() for k, v in target.state_dict().items()}
+    galerkin_net = copy.deepcopy(target)
     ridge = 1e-3
-    fit_transfer(source, target, x_s, x_t, op, ridge)
+    report = fit_transfer(source, target, x_s, x_t, op, ridge)
+
+    def mismatch(tgt):  # ||R y_h(T) - y_H(T)|| / ||y_H(T)||, the report's definition, from the features here
+        with torch.no_grad():
+            fine, coarse = (tgt.features(x_t), source.features(x_s)) if direction == "finer" else \
+                (source.features(x_s), tgt.features(x_t))
+        return float((pair.restrict(fine) - coarse).norm() / coarse.norm())
+
+    assert report.mismatch_galerkin == pytest.approx(mismatch(galerkin_net), rel=1e-10)
+    assert report.mismatch_fit == pytest.approx(mismatch(target), rel=1e-10)
+    assert report.images == 7 and report.stencils == 1 + 2
     # each layer's inputs: both networks' own states (the target's with its fitted layers)
     y_s, y_t = x_s, x_t
     act, h = source.activation, source.blocks[0].h
