@@ -14,7 +14,7 @@ copy's configs are the ones loaded). A mutation is *caught* when pytest reports 
 the baseline is broken and nothing is mutated. Before anything runs, every mutation's original text
 must occur exactly once in its file, so the list fails loudly instead of rotting when code moves.
 
-    .venv/bin/python scripts/mutation_check.py              # all 23 (6.5 min on a shared 2-core CPU)
+    .venv/bin/python scripts/mutation_check.py              # all 23 (5 to 6.5 min on a shared 2-core CPU)
     .venv/bin/python scripts/mutation_check.py --list       # what would be planted, and where
     .venv/bin/python scripts/mutation_check.py -k classifier --jobs 2
 
@@ -275,7 +275,7 @@ def scratch_copy(root: Path, dest: Path) -> Path:
             shutil.copy2(src, dest / name)
     # An editable install maps msnet.conf to its own checkout's conf/; a package folder inside the
     # copy's msnet/ is found first, so the copy runs with its own configs.
-    shutil.copytree(root / "conf", dest / "msnet" / "conf", ignore=IGNORED)
+    shutil.copytree(root / "conf", dest / "msnet" / "conf", ignore=IGNORED, dirs_exist_ok=True)
     return dest
 
 
