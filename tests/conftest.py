@@ -37,7 +37,7 @@ FASHION_MISSING = "Fashion-MNIST not on disk (apt-get install -y dataset-fashion
 
 needs_fashion = pytest.mark.needs_fashion
 """Marks a test that trains on real Fashion-MNIST. Without the data it is skipped on a workstation and
-fails in CI (environment variable ``CI=true``, which CI services set), so that a CI machine without the
+fails in CI (``CI=true``, which GitHub Actions and GitLab CI set), so that a CI machine without the
 data cannot pass without these tests."""
 
 
