@@ -11,6 +11,7 @@ from msnet import MsnetError
 from msnet.config import DatasetConfig
 from msnet.data import DATASETS, batches, num_batches, prepare_data
 
+from . import conftest
 from .conftest import DATA_ROOT, needs_fashion
 
 
@@ -142,3 +143,20 @@ def test_fashion_found_in_msnet_fashion_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MSNET_FASHION_DIR", str(src))
     raw = DATASETS.get("fashion_mnist")(dcfg(name="fashion_mnist", root=str(tmp_path / "root"), download=False))
     assert raw.x_train.shape == (6, 1, 5, 5) and raw.x_test.shape == (3, 1, 5, 5)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_fashion_mnist_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    """The six real-data tests: without the data a CI machine (CI=true) fails them instead of passing
+    without them; a workstation skips them with the install hint."""
+
+    class Item:
+        def get_closest_marker(self, name):
+            return object() if name == "needs_fashion" else None
+
+    monkeypatch.setattr(conftest, "fashion_available", lambda: False)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="apt-get install -y dataset-fashion-mnist"):
+        conftest.pytest_runtest_setup(Item())
+    monkeypatch.setattr(conftest, "fashion_available", lambda: True)
+    conftest.pytest_runtest_setup(Item())  # on disk: runs, in CI and elsewhere

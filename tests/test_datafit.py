@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from hydra.errors import HydraException
 import torch
@@ -57,51 +59,77 @@ def test_block_constant_images_keep_the_galerkin_opening(channels, finer, seed):
 
 
 @pytest.mark.parametrize("op", ["linear", "constant"])
-def test_every_fitted_layer_solves_its_normal_equations(op):
-    """Each fitted stencil minimises ||R(K y_h + b) - (K_H y_H + b_H)||^2 + ridge term at its own inputs:
-    the gradient of that objective (autograd, float64) vanishes, and the objective is below the Galerkin one."""
-    coarse = randomise(net(size=6, layers=2))
-    fine = transfer_resolution(coarse, 1, op)
-    galerkin = {k: v.clone() for k, v in fine.state_dict().items()}
+@pytest.mark.parametrize("direction", ["finer", "coarser"])
+def test_every_fitted_layer_solves_its_normal_equations(direction, op):
+    """Each fitted stencil minimises its least-squares problem at its own inputs, written out here from the
+    module docstring, not from the fit's code: going finer ||R(K y_h + b) - (K_H y_H + b_H)||^2, going coarser
+    ||(K y_H + b) - R(K_h y_h + b_h)||^2, each + ridge * mean(diag(A^T A)) * ||(K, b) - Galerkin||^2. The
+    gradient of that objective (autograd, float64) vanishes, and the objective is below the Galerkin one."""
+    pair = get_transfer(op)
     g = torch.Generator().manual_seed(3)
     x_f = torch.rand(7, 1, 12, 12, generator=g, dtype=torch.float64)
-    pair = get_transfer(op)
     x_c = pair.restrict(x_f)
+
+    def ident(t):
+        return t
+
+    if direction == "finer":
+        source = randomise(net(size=6, layers=2))
+        target = transfer_resolution(source, 1, op)
+        x_s, x_t, on_target, on_source = x_c, x_f, pair.restrict, ident
+    else:
+        source = randomise(net(size=12, layers=2))
+        target = transfer_resolution(source, -1, op)
+        x_s, x_t, on_target, on_source = x_f, x_c, ident, pair.restrict
+    galerkin = {k: v.clone() for k, v in target.state_dict().items()}
+    galerkin_net = copy.deepcopy(target)
     ridge = 1e-3
-    fit_transfer(coarse, fine, x_c, x_f, op, ridge)
-    # each layer's inputs: both networks' own states (the fine one's with its fitted layers)
-    y_c, y_f = x_c, x_f
+    report = fit_transfer(source, target, x_s, x_t, op, ridge)
+
+    def mismatch(tgt):  # ||R y_h(T) - y_H(T)|| / ||y_H(T)||, the report's definition, from the features here
+        with torch.no_grad():
+            fine, coarse = (tgt.features(x_t), source.features(x_s)) if direction == "finer" else \
+                (source.features(x_s), tgt.features(x_t))
+        return float((pair.restrict(fine) - coarse).norm() / coarse.norm())
+
+    assert report.mismatch_galerkin == pytest.approx(mismatch(galerkin_net), rel=1e-10)
+    assert report.mismatch_fit == pytest.approx(mismatch(target), rel=1e-10)
+    assert report.images == 7 and report.stencils == 1 + 2
+    # each layer's inputs: both networks' own states (the target's with its fitted layers)
+    y_s, y_t = x_s, x_t
+    act, h = source.activation, source.blocks[0].h
     layers = [("opening.weight", "opening.bias", None)] + [(None, None, j) for j in range(2)]
     for wname, bname, j in layers:
         if j is None:
-            wc, bc, wf, bf = coarse.opening.weight, coarse.opening.bias, fine.opening.weight, fine.opening.bias
+            ws, bs, wt, bt = source.opening.weight, source.opening.bias, target.opening.weight, target.opening.bias
             w0, b0 = galerkin[wname], galerkin[bname]
         else:
-            pc, pf = coarse.blocks[0].params, fine.blocks[0].params
-            wc, bc, wf, bf = pc["K"][j], pc["b"][j], pf["K"][j], pf["b"][j]
+            ps, pt = source.blocks[0].params, target.blocks[0].params
+            ws, bs, wt, bt = ps["K"][j], ps["b"][j], pt["K"][j], pt["b"][j]
             w0, b0 = galerkin["blocks.0.params.K"][j], galerkin["blocks.0.params.b"][j]
-        z = F.conv2d(y_c, wc, bc, padding=1)
-        cols = F.unfold(y_f, 3, padding=1)
-        cols = torch.cat([cols.reshape(7, -1, 12, 12), torch.ones(7, 1, 12, 12, dtype=torch.float64)], 1)
-        scale = ridge * pair.restrict(cols).pow(2).sum(dim=(0, 2, 3)).mean()  # ridge * mean diag(A^T A)
+        pre_s = F.conv2d(y_s, ws, bs, padding=1)
+        z = on_source(pre_s)
+        n, _, hh, ww = y_t.shape
+        cols = torch.cat([F.unfold(y_t, 3, padding=1).reshape(n, -1, hh, ww),
+                          torch.ones(n, 1, hh, ww, dtype=torch.float64)], 1)
+        scale = ridge * on_target(cols).pow(2).sum(dim=(0, 2, 3)).mean()  # ridge * mean diag(A^T A)
 
         def objective(w, b):
-            data = (pair.restrict(F.conv2d(y_f, w, b, padding=1)) - z).pow(2).sum()
+            data = (on_target(F.conv2d(y_t, w, b, padding=1)) - z).pow(2).sum()
             return data + scale * ((w - w0).pow(2).sum() + (b - b0).pow(2).sum())
 
-        w = wf.detach().clone().requires_grad_()
-        b = bf.detach().clone().requires_grad_()
+        w = wt.detach().clone().requires_grad_()
+        b = bt.detach().clone().requires_grad_()
         value = objective(w, b)
         gw, gb = torch.autograd.grad(value, (w, b))
         assert torch.cat([gw.flatten(), gb]).norm() < 1e-8 * (1 + value.item())
         assert value.item() <= objective(w0, b0).item()
         with torch.no_grad():
-            act = coarse.activation
+            pre_t = F.conv2d(y_t, wt, bt, padding=1)
             if j is None:
-                y_c, y_f = act(z), act(F.conv2d(y_f, wf, bf, padding=1))
+                y_s, y_t = act(pre_s), act(pre_t)
             else:
-                h = coarse.blocks[0].h
-                y_c, y_f = y_c + h * act(z), y_f + h * act(F.conv2d(y_f, wf, bf, padding=1))
+                y_s, y_t = y_s + h * act(pre_s), y_t + h * act(pre_t)
 
 
 def test_unsupported_models_and_settings_fail_in_one_line(compose_cfg, tiny_cfg, tmp_path):

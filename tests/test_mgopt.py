@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from msnet import MsnetError
@@ -207,6 +208,43 @@ def test_cycles_count_work_and_armijo_never_increases_the_objective():
     stats = rule.epoch_stats()
     assert stats["work_fge"] == pytest.approx(work) and stats["cycles"] == 1
     assert stats["grad_evals"] == info["grad_evals"]
+
+
+def test_armijo_correction_is_checked_outside_the_cycle():
+    """One V-cycle with no smoothing and Nash's line search, checked from outside the rule: psi before is the
+    batch loss of the starting weights, psi after that of the final ones (the network's forward pass here),
+    the move of the weights is alpha e with the reported alpha, the slope <g, e> uses the gradient autograd
+    gives at the start, e is a descent direction, and the Armijo condition holds on these numbers."""
+    model = tiny_net(layers=8)
+    sgd = OmegaConf.create({"name": "sgd", "lr": 0.2, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0,
+                            "scheduler": "constant"})
+    settings = MGOptConfig(levels=2, nu1=0, nu2=0, coarse_steps=3, line_search="armijo")
+    rule = MGOpt(model, settings, sgd, NO_REG, 1, None)
+    xb, yb = batch()
+    start = copy.deepcopy(model)
+    loss0 = F.cross_entropy(start(xb), yb)
+    g = torch.autograd.grad(loss0, list(start.parameters()))
+    loss0 = float(loss0.detach())
+    info = rule.step(xb, yb).info
+    with torch.no_grad():
+        loss1 = float(F.cross_entropy(model(xb), yb))
+    alpha = info["alpha"]
+    assert alpha > 0  # this setting takes a step: the checks below are not vacuous
+    moves = [(p.detach() - q.detach()) for p, q in zip(model.parameters(), start.parameters())]
+    slope = sum(float((gk * mk).sum()) for gk, mk in zip(g, moves)) / alpha
+    assert info["psi_pre"] == pytest.approx(loss0, rel=1e-12)
+    assert info["psi_corrected"] == pytest.approx(loss1, rel=1e-12) and info["loss_after"] == pytest.approx(loss1)
+    assert info["slope"] == pytest.approx(slope, rel=1e-8) and slope < 0
+    assert loss1 <= loss0 + settings.armijo_c1 * alpha * slope
+    # a correction the line search rejects (a coarse solve that diverges, no backtracking) leaves the weights
+    # where the cycle found them
+    wild = MGOptConfig(levels=2, nu1=0, nu2=0, coarse_steps=3, line_search="armijo", max_backtracks=0,
+                         coarse_lr_factor=1e3)
+    start = copy.deepcopy(model)
+    info = MGOpt(model, wild, sgd, NO_REG, 1, None).step(xb, yb).info
+    assert info["alpha"] == 0.0 and info["psi_corrected"] is None
+    for p, q in zip(model.parameters(), start.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_config_composes_as_typed_and_builds_the_hierarchy(compose_cfg):

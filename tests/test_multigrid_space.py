@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msnet.multigrid.space import (
-    TRANSFERS, galerkin_condition, galerkin_map, get_transfer, prolong_stencil, restrict_stencil,
+    TRANSFERS, galerkin_condition, galerkin_map, get_transfer, prolong_stencil, restrict_stencil, transfer_facts,
 )
 
 OPS = TRANSFERS.names()
@@ -75,12 +75,21 @@ def test_paper_example_1():
     assert (s_H - s_H_paper).abs().max() <= 0.0101  # the printed s_h is itself rounded to 2 decimals
 
 
+# The README's numbers (Learning across scales: "condition number 26.9 for linear, 10.2 for constant").
+STATED_CONDITION = {"linear": 26.9, "constant": 10.2}
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_galerkin_system_is_well_posed(name):
     M = galerkin_map(name)
     assert M.shape == (9, 9)
     assert torch.linalg.matrix_rank(M) == 9
-    assert 1 < galerkin_condition(name) < 100
+    # the stated condition number to the digit stated, from the singular values of the probed map
+    sv = torch.linalg.svdvals(M)
+    assert galerkin_condition(name) == pytest.approx(float(sv[0] / sv[-1]), rel=1e-12)
+    assert round(galerkin_condition(name), 1) == STATED_CONDITION[name]
+    assert transfer_facts(name) == {"name": name, "rp_identity": TRANSFERS.get(name).rp_identity,
+                                    "cond": galerkin_condition(name)}
     # constant images: the coarse stencil sums to the fine one (R and P keep constants)
     s = torch.randn(3, 3, dtype=torch.float64)
     assert restrict_stencil(s, name).sum().item() == pytest.approx(s.sum().item(), abs=1e-12)
