@@ -2,17 +2,21 @@
 """MG/OPT (trainer=mgopt) against single-level training: work and wall time to a target accuracy.
 
 In one process, on the same data (same batches in the same order), the same network (same
-initial weights) and the same smoother (Adam, constant learning rate):
+initial weights) and the same smoother (Adam, constant learning rate), each configured and
+trained as ``msnet train`` would (its config groups, and its level loop
+``msnet.train.fit.run_levels`` through ``scripts/_harness.py``):
 
-* single: one Adam step per mini-batch (msnet's FirstOrder rule), ``--epochs`` epochs;
-* mgopt: one MG/OPT cycle per mini-batch (msnet.train.mgopt.MGOpt, settings from the flags),
-  until it has spent ``--budget-factor`` times the single run's work.
+* single: ``msnet train`` (one Adam step per mini-batch, msnet's FirstOrder rule), ``--epochs`` epochs;
+* mgopt: ``msnet train trainer=mgopt`` (one MG/OPT cycle per mini-batch, msnet.train.mgopt.MGOpt,
+  settings from the flags), stopped once it has spent ``--budget-factor`` times the single run's work.
 
 Work is counted in fine-gradient equivalents (FGE; msnet.train.mgopt's docstring): the single
 run spends 1 FGE per batch, an MG/OPT cycle what its levels' gradients and forward passes cost.
-Validation accuracy is measured every ``--eval-every`` batches (cycles); evaluation is excluded
-from the clocks and from the work. The two runs advance in turns, chunk by chunk, so that noise
-from other work on the machine hits both alike. The target is the single run's plateau (the mean
+Validation accuracy is measured before training and about every ``--eval-every`` batches
+(cycles): the loop splits each epoch into round(batches per epoch / eval-every) chunks, and the
+MG/OPT run stops at the end of the chunk that reaches its budget. Evaluation is excluded from the
+clocks and from the work. The two runs advance in turns, chunk by chunk, so that noise from
+other work on the machine hits both alike. The target is the single run's plateau (the mean
 of its last three evaluations) minus 0.5 points; the script prints, for each run, the wall time,
 the FGE and the epochs to reach it, and the ratios single / mgopt (goals: >= 3 in FGE, >= 2 in
 wall time). With ``--out DIR`` it writes DIR/bench_mgopt.png (validation accuracy against work
@@ -26,83 +30,35 @@ and against wall time) and DIR/bench_mgopt.json (both traces).
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import textwrap
-import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+import math
+from typing import Any, Dict, Iterator, List
 
 import torch
-from omegaconf import OmegaConf
+from hydra.errors import HydraException
 
-from msnet.config import DatasetConfig
-from msnet.core import ModelSpec, StageSpec, build_model
-from msnet.data import batches, num_batches, prepare_data
+from _harness import Point, chunk_batches, first_hit, interleave, plot_curves, run, train_config, write_md_json
+from msnet import MsnetError
+from msnet.core import resolve_device, resolve_dtype
+from msnet.data import num_batches, prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.loop import evaluate
-from msnet.config import MGOptConfig
-from msnet.train.mgopt import MGOpt, mgopt_settings
-from msnet.train.optim import build_optimizer
-from msnet.train.updates import FirstOrder, UpdateRule
+from msnet.train.mgopt import coarse_depths
 
 DEFAULT = {"layers": 32, "channels": 8, "train_subset": 10000, "val_size": 2000, "epochs": 6, "eval_every": 10}
 QUICK = {"layers": 16, "channels": 4, "train_subset": 2560, "val_size": 1000, "epochs": 3, "eval_every": 5}
-NO_REG = OmegaConf.create({"classifier_smoothness": 0.0, "stencil_smoothness": 0.0})
 
 
-def run(label: str, model: torch.nn.Module, rule: UpdateRule, data: Any, args: argparse.Namespace,
-        budget_fge: float, trace: List[Dict[str, Any]]) -> Iterator[None]:
-    """Train until ``budget_fge`` is spent, evaluating every ``args.eval_every`` batches; yields after each."""
-    g = torch.Generator().manual_seed(args.seed)
-    per_epoch = num_batches(data.x_train.shape[0], args.batch_size)
-    clock, work, done = 0.0, 0.0, 0
-    trace.append({"run": label, "batches": 0, "epochs": 0.0, "fge": 0.0, "train_s": 0.0,
-                  "val_acc": evaluate(model, data.x_val, data.y_val, 1000)["acc"]})
-    while work < budget_fge - 1e-9:
-        for xb, yb in batches(data.x_train, data.y_train, args.batch_size, g, shuffle=True):
-            model.train()
-            t0 = time.perf_counter()
-            out = rule.step(xb, yb)
-            clock += time.perf_counter() - t0
-            work += out.info["work_fge"] if out.info else 1.0
-            done += 1
-            if done % args.eval_every == 0 or work >= budget_fge - 1e-9:
-                acc = evaluate(model, data.x_val, data.y_val, 1000)["acc"]
-                trace.append({"run": label, "batches": done, "epochs": done / per_epoch, "fge": work,
-                              "train_s": clock, "val_acc": acc})
-                yield
-            if work >= budget_fge - 1e-9:
-                return
-        rule.end_epoch()
-
-
-def first_hit(trace: List[Dict[str, Any]], target: float) -> Optional[Dict[str, Any]]:
-    return next((r for r in trace if r["val_acc"] >= target), None)
-
-
-def plot(traces: Dict[str, List[Dict[str, Any]]], target: float, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for label, trace in traces.items():
-        axes[0].plot([r["fge"] for r in trace], [100 * r["val_acc"] for r in trace], label=label)
-        axes[1].plot([r["train_s"] for r in trace], [100 * r["val_acc"] for r in trace], label=label)
-    for ax, xlabel in zip(axes, ("work (fine-gradient equivalents)", "training wall time (s)")):
-        ax.axhline(100 * target, color="grey", ls="--", lw=0.8, label=f"target {100 * target:.2f}%")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation accuracy (%)")
-        lo = min(100 * r["val_acc"] for t in traces.values() for r in t[len(t) // 5:])
-        ax.set_ylim(max(0, lo - 2), None)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.suptitle(textwrap.fill(title, 150), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def traced(label: str, state: Any, points: Iterator[Point], budget_fge: float,
+           trace: List[Dict[str, Any]]) -> Iterator[None]:
+    """Append each evaluation to ``trace`` with the work so far (MG/OPT's count, else 1 FGE per batch), yielding
+    after each; stop once ``budget_fge`` is spent."""
+    for p in points:
+        fge = float(getattr(state.rule, "work_fge", p["batches"]))  # MG/OPT counts its cycles' work; Adam: 1 per batch
+        trace.append({"run": label, "batches": p["batches"], "epochs": p["epoch"], "fge": fge,
+                      "train_s": p["train_s"], "val_acc": p["val_acc"]})
+        yield
+        if fge >= budget_fge - 1e-9:
+            return
 
 
 def main() -> None:
@@ -139,26 +95,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = prepare_data(OmegaConf.structured(DatasetConfig(name=args.dataset, download=False, val_size=args.val_size,
-                                                           train_subset=args.train_subset)), torch.device("cpu"))
-    spec = ModelSpec(data.in_channels, data.num_classes, data.image_size, [StageSpec(args.channels, args.layers, args.T)])
-    opt_cfg = OmegaConf.create({"name": args.optimizer, "lr": args.lr, "beta1": 0.9, "beta2": 0.999, "momentum": 0.9,
-                                "nesterov": False, "weight_decay": 0.0, "scheduler": "constant"})
-    settings = MGOptConfig(levels=args.levels, cycle=args.cycle, nu1=args.nu1, nu2=args.nu2,
-                             coarse_steps=args.coarse_steps, coarse_lr_factor=args.coarse_lr_factor,
-                             line_search=args.line_search, cycle_loss=False)
-    mgopt_settings(OmegaConf.structured(settings))  # the same checks as trainer=mgopt
-    torch.manual_seed(args.seed)
-    single_net = build_model(spec)
-    mg_net = copy.deepcopy(single_net)
-    single_rule = FirstOrder(single_net, build_optimizer(single_net.parameters(), opt_cfg))
-    mg_rule = MGOpt(mg_net, settings, opt_cfg, NO_REG, args.epochs, None)
-    per_epoch = num_batches(data.x_train.shape[0], args.batch_size)
-    budget = float(args.epochs * per_epoch)
+    shared = [f"dataset={args.dataset}", f"dataset.train_subset={args.train_subset}",
+              f"dataset.val_size={args.val_size}", "dataset.test_subset=0", f"model.channels={args.channels}",
+              f"model.layers={args.layers}", f"model.T={args.T}", f"optimizer={args.optimizer}",
+              f"optimizer.lr={args.lr}", "optimizer.scheduler=constant", f"trainer.batch_size={args.batch_size}",
+              "trainer.progress=false", "trainer.eval_at_start=true", "trainer.eval_batch_size=1000",
+              f"seed={args.seed}"]
+    single_cfg = train_config([*shared, f"trainer.epochs={args.epochs}"])
+    mg_cfg = train_config([*shared, "trainer=mgopt", f"trainer.epochs={math.ceil(args.budget_factor * args.epochs)}",
+                           f"trainer.levels={args.levels}", f"trainer.cycle={args.cycle}", f"trainer.nu1={args.nu1}",
+                           f"trainer.nu2={args.nu2}", f"trainer.coarse_steps={args.coarse_steps}",
+                           f"trainer.coarse_lr_factor={args.coarse_lr_factor}",
+                           f"trainer.line_search={args.line_search}", "trainer.cycle_loss=false"])
+    data = prepare_data(single_cfg.dataset, resolve_device(single_cfg.device), resolve_dtype(single_cfg.dtype))
+    n = data.sizes()["train"]
+    per_epoch = num_batches(n, args.batch_size)
+    evals = max(1, round(per_epoch / args.eval_every))
+    budget = float(args.epochs * sum(chunk_batches(n, evals, args.batch_size)))  # the single run's batches
+    single_state, single_points = run(single_cfg, data, evals)
+    mg_state, mg_points = run(mg_cfg, data, evals)
 
     console = RunConsole()
     console.console.width = max(console.console.width, 150)  # the result table has ten columns
-    depths = [lv.net.depth()[0] for lv in mg_rule.levels]
+    depths = [d[0] for d in coarse_depths(mg_state.model.depth(), args.levels)]  # steps per level, coarsest first
     describe = (f"{args.dataset}, {data.x_train.shape[0]} training images ({per_epoch} batches of {args.batch_size}), "
                 f"validation {data.x_val.shape[0]}; {args.channels} channels x {args.layers} layers, T={args.T}; "
                 f"{args.optimizer} lr {args.lr} constant; MG/OPT {args.cycle}-cycle, levels {depths}, nu1={args.nu1}, "
@@ -166,16 +125,10 @@ def main() -> None:
                 f"line_search={args.line_search}; {torch.get_num_threads()} threads")
     console.print(describe)
     console.print(f"single-level: {args.epochs} epochs = {budget:.0f} FGE; MG/OPT: up to {args.budget_factor * budget:.0f} "
-                  f"FGE; interleaved in chunks of {args.eval_every} batches ...")
+                  f"FGE; interleaved in {evals} chunks per epoch (about {per_epoch / evals:.0f} batches each) ...")
     traces: Dict[str, List[Dict[str, Any]]] = {"single-level": [], "MG/OPT": []}
-    active = [run("single-level", single_net, single_rule, data, args, budget, traces["single-level"]),
-              run("MG/OPT", mg_net, mg_rule, data, args, args.budget_factor * budget, traces["MG/OPT"])]
-    while active:
-        for r in list(active):
-            try:
-                next(r)
-            except StopIteration:
-                active.remove(r)
+    interleave(traced("single-level", single_state, single_points, budget, traces["single-level"]),
+               traced("MG/OPT", mg_state, mg_points, args.budget_factor * budget, traces["MG/OPT"]))
 
     plateau = sum(r["val_acc"] for r in traces["single-level"][-3:]) / 3
     target = plateau - 0.005
@@ -203,16 +156,18 @@ def main() -> None:
         console.print(f"epochs to target: single {s['epochs']:.2f}, MG/OPT {m['epochs']:.2f}; "
                       f"MG/OPT cost per batch {traces['MG/OPT'][-1]['fge'] / traces['MG/OPT'][-1]['batches']:.2f} FGE")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_mgopt.json").write_text(json.dumps({"args": vars(args), "target": target, "traces": traces,
-                                                          "rows": rows}, indent=1))
-        try:
-            plot(traces, target, out / "bench_mgopt.png", describe)
-            console.print(f"written: {out / 'bench_mgopt.png'}, {out / 'bench_mgopt.json'}")
-        except ImportError:
-            console.print(f"written: {out / 'bench_mgopt.json'} (no plot: pip install 'msnet[plot]')")
+        written = write_md_json(args.out, "bench_mgopt", None, {"args": vars(args), "evals_per_epoch": evals,
+                                                                "target": target, "traces": traces, "rows": rows})
+        png = written[0].with_suffix(".png")
+        if plot_curves(traces, target, png, describe,
+                       [("fge", "work (fine-gradient equivalents)"), ("train_s", "training wall time (s)")]):
+            console.print(f"written: {png}, {written[0]}")
+        else:
+            console.print(f"written: {written[0]} (no plot: pip install 'msnet[plot]')")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (MsnetError, HydraException) as err:  # a bad flag or override: one line, no traceback
+        raise SystemExit(f"bench_mgopt: error: {str(err).splitlines()[0]}")

@@ -11,9 +11,10 @@ that stopping early is fair to all):
 * sgd:  ``optimizer=sgd`` (lr 0.1, momentum 0.9), batch 128;
 * bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/train/bcd.py), batch 1024.
 
-The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so that noise from other
-work on the machine hits all alike; validation accuracy is measured after every chunk and
-evaluation time is excluded from the clocks. The target accuracy is ``--target``, by default
+Each is trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
+``scripts/_harness.py``). The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so
+that noise from other work on the machine hits all alike; validation accuracy is measured before
+training and after every chunk, and evaluation time is excluded from the clocks. The target accuracy is ``--target``, by default
 Adam's final validation accuracy minus one point. Printed and written into ``--out``:
 a table (``bench_optimizers.md``) of each method's final and best accuracy, training time,
 and time and epochs to the target as ratios to Adam's; the curves (``bench_optimizers.json``);
@@ -27,20 +28,16 @@ and a plot of validation accuracy against training time and against epochs
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import torch
-from msnet.config import compose_config
-from msnet.core import build_model, resolve_device, resolve_dtype
+
+from _harness import Point, first_hit, interleave, markdown_table, plot_curves, run, train_config, write_md_json
+from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
-from msnet.train.loop import evaluate, train_epoch
-from msnet.train.regularizers import build_regularizer
-from msnet.train.setup import model_spec, set_seed
-from msnet.train.updates import build_update
 
 METHODS = {
     "adam": ["optimizer=adam", "optimizer.scheduler=constant", "trainer.batch_size=128"],
@@ -49,59 +46,12 @@ METHODS = {
 }
 
 
-def run(name: str, cfg, data, evals: int, trace: List[Dict[str, Any]]) -> Iterator[None]:
-    """Train ``cfg.trainer.epochs`` epochs in ``evals`` chunks each; yield after every chunk."""
-    set_seed(int(cfg.seed))
-    model = build_model(model_spec(cfg.model, data)).to(device=data.x_train.device, dtype=data.x_train.dtype)
-    update = build_update(model, cfg, cfg.optimizer, cfg.trainer.epochs, build_regularizer(model, cfg.regularizer))
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    n, clock, iterations = data.x_train.shape[0], 0.0, 0
-    val = evaluate(model, data.x_val, data.y_val, 1000)
-    trace.append({"method": name, "epoch": 0.0, "iterations": 0, "train_s": 0.0, "val_acc": val["acc"],
-                  "val_loss": val["loss"]})
-    for epoch in range(cfg.trainer.epochs):
-        perm = torch.randperm(n, generator=g)
-        for i, chunk in enumerate(perm.chunk(evals)):
-            res = train_epoch(model, update, data.x_train[chunk], data.y_train[chunk], cfg.trainer.batch_size, g)
-            clock += res.seconds
-            iterations += -(-chunk.numel() // cfg.trainer.batch_size)
-            val = evaluate(model, data.x_val, data.y_val, 1000)
-            trace.append({"method": name, "epoch": epoch + (i + 1) / evals, "iterations": iterations,
-                          "train_s": clock, "val_acc": val["acc"], "val_loss": val["loss"],
-                          "train_loss": res.loss})
-            yield
-        update.end_epoch()
-
-
-def first_hit(trace: List[Dict[str, Any]], target: float):
-    return next((r for r in trace if r["val_acc"] >= target), None)
-
-
-def plot(traces: Dict[str, List[Dict[str, Any]]], target: float, path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for name, trace in traces.items():
-        axes[0].plot([r["train_s"] for r in trace], [100 * r["val_acc"] for r in trace], marker=".", label=name)
-        axes[1].plot([r["epoch"] for r in trace], [100 * r["val_acc"] for r in trace], marker=".", label=name)
-    for ax, xlabel in zip(axes, ("training wall time (s)", "epochs")):
-        ax.axhline(100 * target, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    lows = [100 * r["val_acc"] for t in traces.values() for r in t if r["epoch"] > 0]
-    axes[0].set_ylim(max(0.0, min(lows) - 5), min(100.0, max(lows) + 2))
-    axes[0].set_ylabel("validation accuracy (%)")
-    axes[1].legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def traced(name: str, points: Iterator[Point], trace: List[Dict[str, Any]]) -> Iterator[None]:
+    """Append each evaluation of method ``name`` to ``trace`` (the first before any training), yielding after each."""
+    for p in points:
+        trace.append({"method": name, "epoch": p["epoch"], "iterations": p["batches"], "train_s": p["train_s"],
+                      "val_acc": p["val_acc"], "val_loss": p["val_loss"]})
+        yield
 
 
 def main() -> None:
@@ -134,8 +84,8 @@ def main() -> None:
 
     shared = [f"dataset.train_subset={subset}", f"dataset.val_size={val_size}", "dataset.test_subset=0",
               f"model.channels={args.channels}", f"model.layers={args.layers}", f"trainer.epochs={epochs}",
-              "trainer.progress=false", *args.reg]
-    cfgs = {m: compose_config(shared + METHODS[m]) for m in methods}
+              "trainer.progress=false", "trainer.eval_at_start=true", "trainer.eval_batch_size=1000", *args.reg]
+    cfgs = {m: train_config(shared + METHODS[m]) for m in methods}
     first = cfgs[methods[0]]
     data = prepare_data(first.dataset, resolve_device(first.device), resolve_dtype(first.dtype))
     console = RunConsole()
@@ -144,14 +94,8 @@ def main() -> None:
                   f"{torch.get_num_threads()} threads, shared overrides {args.reg}; the runs advance in turns ...")
 
     traces: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
-    active = {m: run(m, cfgs[m], data, evals, traces[m]) for m in methods}
     t0 = time.perf_counter()
-    while active:
-        for m in list(active):
-            try:
-                next(active[m])
-            except StopIteration:
-                del active[m]
+    interleave(*(traced(m, run(cfgs[m], data, evals)[1], traces[m]) for m in methods))
     wall = time.perf_counter() - t0
 
     base = "adam" if "adam" in traces else methods[0]
@@ -176,25 +120,18 @@ def main() -> None:
     columns = list(rows[0])
     title = (f"time to {target:.2%} validation accuracy" + (f" ({base}'s final - 1 point)" if args.target is None
                                                              else ""))
-    md = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
-    md += [f"| {' | '.join(str(r[c]) for c in columns)} |" for r in rows]
-    table = f"{title}\n\n" + "\n".join(md) + "\n"
-    print(table, flush=True)  # plain markdown: a rich table would be cut to the terminal's width
+    md = [title, "", *markdown_table(rows, columns)]
+    print("\n".join(md) + "\n", flush=True)  # plain markdown: a rich table would be cut to the terminal's width
     console.print(f"total wall time {wall:.0f} s (evaluation included)")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_optimizers.md").write_text(table)
-    (out / "bench_optimizers.json").write_text(json.dumps(
-        {"target": target, "epochs": epochs, "train_images": int(data.x_train.shape[0]),
-         "val_images": int(data.x_val.shape[0]), "channels": args.channels, "layers": args.layers,
-         "shared_overrides": shared, "methods": {m: METHODS[m] for m in methods}, "rows": rows, "curves": traces},
-        indent=1) + "\n")
-    png = out / "bench_optimizers.png"
+    written = write_md_json(args.out, "bench_optimizers", md, {
+        "target": target, "epochs": epochs, "train_images": int(data.x_train.shape[0]),
+        "val_images": int(data.x_val.shape[0]), "channels": args.channels, "layers": args.layers,
+        "shared_overrides": shared, "methods": {m: METHODS[m] for m in methods}, "rows": rows, "curves": traces})
+    png = Path(args.out) / "bench_optimizers.png"
     title = (f"Fashion-MNIST, {data.x_train.shape[0]} images, {args.channels} ch x {args.layers} layers; "
              f"dashed: target {target:.2%}")
-    written = [out / "bench_optimizers.md", out / "bench_optimizers.json"]
-    if plot(traces, target, png, title):
+    if plot_curves(traces, target, png, title, [("train_s", "training wall time (s)"), ("epoch", "epochs")]):
         written.append(png)
     else:
         console.print("matplotlib missing (pip install 'msnet[plot]'): no plot")

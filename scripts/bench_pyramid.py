@@ -10,14 +10,16 @@ BCD included: ``experiment=bcd_fashion``):
   smoothing and R, then 1 at full resolution) and learning rates, the stencils and
   classifier prolonged between levels (msnet.multigrid; with ``pyramid.stencils=fit``, as in
   ``2level_block``, the stencils refitted on sample images, timed as training), a fresh update
-  rule (and lr schedule) per level, as the trainer does;
+  rule (and lr schedule) per level;
 * single: ``msnet train OVERRIDES`` at full resolution for as many epochs as the pyramid has
   in all levels (the same epoch budget; ``--epochs`` changes it).
 
-Both use msnet's own ``build_schedule``, ``build_update``, ``train_epoch``, ``level_data`` and
-``transfer_resolution``. Validation accuracy is measured every ``1/--evals-per-epoch`` of an
-epoch; evaluation time is excluded from the clocks, and the two runs advance in turns, chunk by
-chunk, so that noise from other work on the machine hits both alike. The target is the
+Both are trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
+``scripts/_harness.py``), so the pyramid's levels, moves and per-level rules are the ones
+``msnet train`` runs. Validation accuracy is measured every ``1/--evals-per-epoch`` of an epoch,
+and for the pyramid right after each prolongation; evaluation time is excluded from the clocks
+(the moves and stencil fits count), and the two runs advance in turns, chunk by chunk, so that
+noise from other work on the machine hits both alike. The target is the
 single-level run's final validation accuracy minus 0.5 points (only evaluations at full
 resolution count for the pyramid); the script prints each run's training wall time to reach it
 and the ratio pyramid / single (goal <= 0.6; the paper saw 0.74 on ImageNet-10), and writes
@@ -34,115 +36,76 @@ one interleaved pair per seed and reports every ratio and their median.
 from __future__ import annotations
 
 import argparse
-import json
+import copy
+import math
 import statistics
-import time
-from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
+from _harness import Point, first_hit, interleave, markdown_table, run, train_config, write_md_json
 from msnet import MsnetError
-from msnet.config import compose_config
-from msnet.core import build_model, resolve_device, resolve_dtype
+from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
-from msnet.multigrid import transfer_resolution
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.loop import evaluate, train_epoch
-from msnet.train.regularizers import build_regularizer
-from msnet.multigrid import level_data
-from msnet.train.schedule import build_schedule, check_stencil_fit, prolong_level
-from msnet.train.setup import model_spec, set_seed
-from msnet.train.updates import build_update
+from msnet.train.schedule import Level, build_schedule
+from msnet.train.setup import model_spec
 
 
-def run_level(model, cfg, opt_cfg, data, epochs, evals, g, trace, clock, label):
-    """Train ``epochs`` epochs in ``evals`` chunks each, yielding after every chunk.
-
-    Appends (train seconds, val acc) to ``trace``; returns the model at the end.
-    """
-    update = build_update(model, cfg, opt_cfg, epochs, build_regularizer(model, cfg.regularizer))
-    n = data.x_train.shape[0]
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for chunk in perm.chunk(evals):
-            res = train_epoch(model, update, data.x_train[chunk], data.y_train[chunk], cfg.trainer.batch_size, g)
-            clock[0] += res.seconds
-            acc = evaluate(model, data.x_val, data.y_val)["acc"]
-            trace.append({"run": label, "train_s": clock[0], "val_acc": acc, "epoch": epoch + 1})
-            yield
-        update.end_epoch()
-    return model
+def single_config(cfg: DictConfig, epochs: int) -> DictConfig:
+    """The pyramid run's config without its pyramid: ``epochs`` epochs at full resolution."""
+    single = copy.deepcopy(cfg)
+    single.pyramid = None
+    single.trainer.epochs = epochs
+    single.trainer.eval_at_start = False
+    return single
 
 
-def new_model(cfg, data):
-    set_seed(int(cfg.seed))
-    return build_model(model_spec(cfg.model, data)).to(device=data.x_train.device, dtype=data.x_train.dtype)
+def traced(points: Iterator[Point], trace: List[Dict[str, Any]], label: Optional[str] = None) -> Iterator[None]:
+    """Append each evaluation to ``trace`` as it comes, yielding after each: as ``label`` (a one-level run), or
+    as its level and ``down`` with each level after the first also evaluated right after the move onto it
+    (``trainer.eval_at_start``), as ``"NAME (prolonged)"``."""
+    for i, p in enumerate(points):
+        if p["kind"] == "level":
+            if i == 0:  # the first level's, before any training: not part of the race
+                continue
+            trace.append({"run": f"{p['level']} (prolonged)", "down": p["down"], "train_s": p["train_s"],
+                          "val_acc": p["val_acc"], "epoch": 0})
+        else:
+            trace.append({"run": label or p["level"], "train_s": p["train_s"], "val_acc": p["val_acc"],
+                          "epoch": math.ceil(p["level_epoch"])})
+            if label is None:
+                trace[-1]["down"] = p["down"]
+        yield
 
 
-def single_run(cfg, data, epochs, evals, trace, clock):
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    yield from run_level(new_model(cfg, data), cfg, cfg.optimizer, data, epochs, evals, g, trace, clock, "single")
-
-
-def pyramid_run(cfg, levels, data, evals, trace, clock):
-    """The pyramid schedule as one generator: each level in turn, prolonged in between."""
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    op, sigma = cfg.pyramid.operator, float(cfg.pyramid.sigma)
-    model = transfer_resolution(new_model(cfg, data), -levels[0].down, op)
-    d = None
-    for i, lv in enumerate(levels):
-        d_src, d = d, level_data(data, lv.down, op, sigma)
-        if i:
-            t0 = time.perf_counter()  # the move (and the stencil fit, with pyramid.stencils=fit) counts as training time
-            model, _ = prolong_level(model, d_src, d, levels[i - 1].down - lv.down, cfg.pyramid, int(cfg.seed))
-            clock[0] += time.perf_counter() - t0
-            acc = evaluate(model, d.x_val, d.y_val)["acc"]
-            trace.append({"run": f"{lv.name} (prolonged)", "down": lv.down, "train_s": clock[0], "val_acc": acc,
-                          "epoch": 0})
-        opt_cfg = cfg.optimizer if lv.lr is None else OmegaConf.merge(cfg.optimizer, {"lr": lv.lr})
-        start = len(trace)
-        model = yield from run_level(model, cfg, opt_cfg, d, lv.epochs, evals, g, trace, clock, lv.name)
-        for r in trace[start:]:
-            r["down"] = lv.down
-
-
-def bench_seed(cfg, levels, data, epochs, evals, progress, task):
-    """One seed: the single-level and pyramid runs, interleaved chunk by chunk; their traces and times to target."""
-    single_trace, single_clock = [], [0.0]
-    pyr_trace, pyr_clock = [], [0.0]
-    active = [single_run(cfg, data, epochs, evals, single_trace, single_clock),
-              pyramid_run(cfg, levels, data, evals, pyr_trace, pyr_clock)]
-    while active:  # the two runs advance in turns, one chunk each, so that machine noise hits both alike
-        for run in list(active):
-            try:
-                next(run)
-                progress.update(task, advance=1)
-                progress.refresh()
-            except StopIteration:
-                active.remove(run)
-    target = single_trace[-1]["val_acc"] - 0.005
-
-    def time_to(trace):
-        """The first evaluation at full resolution (coarse levels' are on coarse images) at or above the target."""
-        hit = next((r for r in trace if r.get("down", 0) == 0 and r["val_acc"] >= target), None)
-        return (hit["train_s"], hit["run"], hit["epoch"]) if hit else (None, None, None)
-
-    ts, _, _ = time_to(single_trace)
-    tp, where, ep = time_to(pyr_trace)
-    prolonged = [r for r in pyr_trace if r["run"].endswith("(prolonged)")]
-    coarse_end = [r for r in pyr_trace if r.get("down", 0) == levels[-1].down + 1 and "prolonged" not in r["run"]]
+def bench_seed(cfg: DictConfig, levels: List[Level], data, epochs: int, evals: int,
+               on_step: Callable[[int, Any], None]) -> Dict[str, Any]:
+    """One seed: the single-level and pyramid runs of ``cfg``, interleaved chunk by chunk; their traces and times
+    to target."""
+    cfg = copy.deepcopy(cfg)
+    cfg.trainer.eval_at_start = True  # the pyramid's accuracy right after each prolongation
+    single, pyramid = [], []
+    interleave(traced(run(single_config(cfg, epochs), data, evals)[1], single, "single"),
+               traced(run(cfg, data, evals)[1], pyramid), on_step=on_step)
+    target = single[-1]["val_acc"] - 0.005
+    s = first_hit(single, target)
+    p = first_hit([r for r in pyramid if r["down"] == 0], target)  # coarse levels' evaluations are on coarse images
+    prolonged = [r for r in pyramid if r["run"].endswith("(prolonged)")]
+    coarse_end = [r for r in pyramid if r["down"] == levels[-1].down + 1 and "prolonged" not in r["run"]]
     return {
-        "seed": int(cfg.seed), "target": target, "single_final": single_trace[-1]["val_acc"],
-        "pyramid_final": pyr_trace[-1]["val_acc"], "single_train_s": single_trace[-1]["train_s"],
-        "pyramid_train_s": pyr_trace[-1]["train_s"], "single_to_target_s": ts, "pyramid_to_target_s": tp,
-        "reached_in": None if tp is None else f"{where}, epoch {ep}",
+        "seed": int(cfg.seed), "target": target, "single_final": single[-1]["val_acc"],
+        "pyramid_final": pyramid[-1]["val_acc"], "single_train_s": single[-1]["train_s"],
+        "pyramid_train_s": pyramid[-1]["train_s"], "single_to_target_s": s["train_s"] if s else None,
+        "pyramid_to_target_s": p["train_s"] if p else None,
+        "reached_in": None if p is None else f"{p['run']}, epoch {p['epoch']}",
         "before_last_prolongation": coarse_end[-1]["val_acc"] if coarse_end else None,
         "after_last_prolongation": prolonged[-1]["val_acc"] if prolonged else None,
-        "ratio": None if tp is None else tp / ts,
-        "curves": {"single": single_trace, "pyramid": pyr_trace},
+        "ratio": None if p is None else p["train_s"] / s["train_s"],
+        "curves": {"single": single, "pyramid": pyramid},
     }
 
 
@@ -182,10 +145,9 @@ def main() -> None:
     shared = [f"dataset.train_subset={args.train_subset or 'null'}", "dataset.test_subset=0",
               f"model.channels={args.channels}", f"model.layers={args.layers}", "trainer.progress=false"]
     base = [*shared, f"+pyramid={args.pyramid}", *args.overrides]
-    cfg = compose_config(base)
+    cfg = train_config(base)
     data = prepare_data(cfg.dataset, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
-    levels = build_schedule(cfg, data.image_size, len(model_spec(cfg.model, data).stages))
-    check_stencil_fit(cfg, new_model(cfg, data))
+    levels = build_schedule(cfg, data.image_size, len(model_spec(cfg.model, data).stages)).levels
     epochs = args.epochs or sum(lv.epochs for lv in levels)
     console = RunConsole()
     h, w = data.image_size
@@ -198,13 +160,18 @@ def main() -> None:
     console.print(f"{setting}\nsingle-level: {epochs} epochs at {h}x{w}; pyramid {args.pyramid}: {plan}; "
                   "interleaved chunk by chunk ...")
 
-    chunks = args.evals_per_epoch * (epochs + sum(lv.epochs for lv in levels))
+    evaluations = args.evals_per_epoch * (epochs + sum(lv.epochs for lv in levels)) + len(levels) - 1
     results = []
     with console.progress(True) as progress:
         for seed in seeds:
-            task = progress.add_task(f"seed {seed}", total=chunks, loss="", acc="", ips="")
-            scfg = compose_config([*base, f"seed={seed}"])
-            results.append(bench_seed(scfg, levels, data, epochs, args.evals_per_epoch, progress, task))
+            task = progress.add_task(f"seed {seed}", total=evaluations, loss="", acc="", ips="")
+
+            def advanced(i: int, _: Any) -> None:
+                progress.update(task, advance=1)
+                progress.refresh()
+
+            scfg = train_config([*base, f"seed={seed}"])
+            results.append(bench_seed(scfg, levels, data, epochs, args.evals_per_epoch, advanced))
 
     rows = [{"seed": r["seed"], "target": _pct(r["target"]), "single final": _pct(r["single_final"]),
              "pyramid final": _pct(r["pyramid_final"]),
@@ -231,16 +198,11 @@ def main() -> None:
     for line in lines:
         console.print(line)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = [setting, "", title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
-    md += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    (out / "bench_pyramid.md").write_text("\n".join(md + [""] + lines) + "\n")
-    (out / "bench_pyramid.json").write_text(json.dumps(
-        {"setting": setting, "overrides": args.overrides, "pyramid": args.pyramid,
-         "levels": [lv.to_dict() for lv in levels], "single_epochs": epochs, "seeds": seeds,
-         "median_ratio": None if med == float("inf") else med, "results": results}, indent=1) + "\n")
-    console.print(f"written: {out / 'bench_pyramid.md'}, {out / 'bench_pyramid.json'}")
+    written = write_md_json(args.out, "bench_pyramid", [setting, "", title, "", *markdown_table(rows, columns), "", *lines],
+                            {"setting": setting, "overrides": args.overrides, "pyramid": args.pyramid,
+                             "levels": [lv.to_dict() for lv in levels], "single_epochs": epochs, "seeds": seeds,
+                             "median_ratio": None if med == float("inf") else med, "results": results})
+    console.print("written: " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

@@ -19,17 +19,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import matplotlib
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from msnet.runs import read_metrics  # noqa: E402
+from _harness import first_hit, markdown_table, plot_curves, write_md_json
+from msnet.runs import read_metrics
 
 PAPER = "> 3x (abstract: \"a speedup of more than factor three while achieving the same validation accuracy\")"
 
@@ -50,10 +47,6 @@ def curve(run: Path) -> List[Dict[str, Any]]:
         fge = r["work_fge"] if "work_fge" in r else r["epoch"] * per_epoch
         out.append({"epoch": r["epoch"], "fge": fge, "train_s": seconds, "val_acc": r["val_acc"]})
     return out
-
-
-def first_hit(points: List[Dict[str, Any]], target: float) -> Optional[Dict[str, Any]]:
-    return next((p for p in points if p["val_acc"] >= target), None)
 
 
 def main() -> None:
@@ -91,29 +84,13 @@ def main() -> None:
         console.print(f"{label}: msnet {'MG/OPT did not reach the target' if value is None else f'{value:.2f}x'}"
                       + (f"; paper {PAPER}" if key == "work" else ""))
 
-    md = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    md += ["| " + " | ".join("" if v is None else str(v) for v in r.values()) + " |" for r in rows]
-    md += ["", "| quantity | paper | msnet |", "|---|---|---|"] + verdict
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "table.json").write_text(json.dumps({"target": target, "rows": rows, "speedup": speed,
-                                                "curves": curves}, indent=1))
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, pts in curves.items():
-        axes[0].plot([p["fge"] for p in pts], [100 * p["val_acc"] for p in pts], "o-", ms=3, label=name)
-        axes[1].plot([p["train_s"] for p in pts], [100 * p["val_acc"] for p in pts], "o-", ms=3, label=name)
-    lo = min(100 * p["val_acc"] for pts in curves.values() for p in pts if p["epoch"] > 0)
-    for ax, xlabel in zip(axes, ("work (fine-gradient equivalents)", "training time (s)")):
-        ax.axhline(100 * target, color="grey", ls="--", lw=0.8, label=f"target {100 * target:.2f}%")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_ylim(max(0.0, lo - 2), None)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.suptitle("Gaedke-Merzhäuser et al. 2020: single-level vs MG/OPT training (msnet)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "gaedke2020.png", dpi=120)
-    console.print(f"written: {out / 'gaedke2020.png'}, {out / 'table.md'}, {out / 'table.json'}")
+    md = [*markdown_table(rows), "", "| quantity | paper | msnet |", "|---|---|---|", *verdict]
+    written = write_md_json(out, "table", md, {"target": target, "rows": rows, "speedup": speed, "curves": curves})
+    if plot_curves(curves, target, out / "gaedke2020.png",
+                   "Gaedke-Merzhäuser et al. 2020: single-level vs MG/OPT training (msnet)",
+                   [("fge", "work (fine-gradient equivalents)"), ("train_s", "training time (s)")]):
+        written.insert(0, out / "gaedke2020.png")
+    console.print("written: " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

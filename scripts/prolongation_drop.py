@@ -17,25 +17,21 @@ to recover (README, Benchmarks: bench_pyramid.py).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
+from _harness import markdown_table, start, train_config, write_md_json
 from msnet import MsnetError
-from msnet.config import compose_config
-from msnet.core import build_model, resolve_device, resolve_dtype
+from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.multigrid import get_transfer, transfer_resolution
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.loop import evaluate, train_epoch
-from msnet.train.regularizers import build_regularizer
-from msnet.multigrid import level_data
-from msnet.train.schedule import prolong_level
-from msnet.train.setup import model_spec, set_seed
-from msnet.train.updates import build_update
+from msnet.train.fit import run_levels
+from msnet.train.loop import evaluate
+from msnet.train.schedule import Level, Schedule
 
 
 def parse_setting(text: str):
@@ -62,23 +58,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [parse_setting(s) for s in args.settings]
-    cfg = compose_config([f"dataset.train_subset={args.train_subset}", "dataset.test_subset=0",
-                          f"model.channels={args.channels}", f"model.layers={args.layers}", f"seed={args.seed}"])
+    cfg = train_config([f"dataset.train_subset={args.train_subset}", "dataset.test_subset=0",
+                        f"model.channels={args.channels}", f"model.layers={args.layers}", f"seed={args.seed}",
+                        f"trainer.epochs={args.epochs}", "trainer.progress=false", "trainer.eval_batch_size=1000"])
     data = prepare_data(cfg.dataset, resolve_device(cfg.device), resolve_dtype(cfg.dtype))
     console = RunConsole()
     rows = []
     for op, sigma in settings:
-        set_seed(args.seed)
-        coarse = transfer_resolution(build_model(model_spec(cfg.model, data)).to(data.x_train), -1, op)
-        d = level_data(data, 1, op, sigma)
-        update = build_update(coarse, cfg, cfg.optimizer, args.epochs, build_regularizer(coarse, cfg.regularizer))
-        g = torch.Generator().manual_seed(args.seed)
-        for _ in range(args.epochs):
-            train_epoch(coarse, update, d.x_train, d.y_train, cfg.trainer.batch_size, g)
-            update.end_epoch()
+        # the pyramid's first two levels as msnet train runs them: the coarse one trained, then the move onto the
+        # fine grid with fitted stencils (its fine level gets no epochs here)
+        fit = OmegaConf.create({"operator": op, "stencils": "fit", "fit_images": args.fit_images, "fit_ridge": 1e-3})
+        schedule = Schedule([Level("coarse", 1, args.epochs), Level("fine", 0, 0)], op, sigma, pyramid=fit,
+                            seed=args.seed)
+        state, _ = start(cfg, data, schedule)
+        for step in run_levels(state, schedule, data, cfg, summaries=False):
+            if step.kind == "epoch" and state.finished(schedule):  # the coarse level's last epoch
+                coarse = state.model
+        fitted, d = state.model, schedule.data_at(data, 1)
         fine = transfer_resolution(coarse, 1, op)
-        fitted, _ = prolong_level(coarse, d, data, 1, {"operator": op, "stencils": "fit",
-                                                       "fit_images": args.fit_images, "fit_ridge": 1e-3}, args.seed)
         pair = get_transfer(op)
         with torch.no_grad():
             smooth_val = pair.prolong(pair.restrict(data.x_val))
@@ -94,14 +91,9 @@ def main() -> None:
     title = "validation accuracy at the coarse level and right after prolongation to the fine grid"
     console.print(setting)
     console.print(records_table(title, shown, list(shown[0])))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cols = list(shown[0])
-    md = [setting, "", title, "", "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    md += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in shown]
-    (out / "prolongation_drop.md").write_text("\n".join(md) + "\n")
-    (out / "prolongation_drop.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=1) + "\n")
-    console.print(f"written: {out / 'prolongation_drop.md'}")
+    written = write_md_json(args.out, "prolongation_drop", [setting, "", title, "", *markdown_table(shown)],
+                            {"setting": setting, "rows": rows})
+    console.print(f"written: {written[0]}")
 
 
 if __name__ == "__main__":
