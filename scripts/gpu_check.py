@@ -9,13 +9,13 @@ and then calls this file. Steps, in order of value (a later step gets what budge
 2. ``cuda_tests`` ``pytest -m cuda`` on the test files that mark tests ``cuda``: every CUDA-only
                   test, among them the reversible reconstruction and store-vs-reversible
                   gradient tests on CUDA;
-3. ``precision``  ``scripts/reversible_precision.py``: reversible vs store gradients by depth
+3. ``precision``  ``scripts/bench/reversible_precision.py``: reversible vs store gradients by depth
                   (4 -> 256) in float32 with TF32 off and on, and under bf16;
-4. ``memory``     ``scripts/bench_memory.py``: saved bytes, peak CUDA memory and step time,
+4. ``memory``     ``scripts/bench/bench_memory.py``: saved bytes, peak CUDA memory and step time,
                   store vs reversible, depth 4 -> 256;
 5. ``fashion``    ``msnet train``: the default network on Fashion-MNIST (3 epochs), wall time;
 6. ``hamiltonian`` ``msnet train model=hamiltonian model.backprop=reversible trainer.epochs=1``;
-7. ``bench_gpu``  ``scripts/bench_gpu.py``: images/s of msnet's trainer against a hand-written
+7. ``bench_gpu``  ``scripts/bench/bench_gpu.py``: images/s of msnet's trainer against a hand-written
                   loop, 4 and 32 layers, eager and compiled, fp32 and bf16.
 
 Each step runs in a child process forked from this one (torch and msnet are imported once;
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "scripts"
+SCRIPTS = REPO / "scripts" / "bench"
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 RESULT_FILES = ("gpu_check.md", "gpu_check.json")
 
@@ -123,7 +123,7 @@ def step_cuda_tests(ctx: Context, path: Path) -> int:
 
 
 def run_script(script: str, args: List[str]) -> int:
-    """``python scripts/SCRIPT ARGS`` in this process (it is a forked child): its exit code."""
+    """``python scripts/bench/SCRIPT ARGS`` in this process (it is a forked child): its exit code."""
     sys.argv = [str(SCRIPTS / script), *args]
     try:
         runpy.run_path(str(SCRIPTS / script), run_name="__main__")
@@ -191,11 +191,11 @@ def step_bench_gpu(ctx: Context, path: Path) -> int:
 STEPS = [
     Step("env", "Machine and versions", 60, step_env),
     Step("cuda_tests", "CUDA-only tests (pytest -m cuda)", 150, step_cuda_tests),
-    Step("precision", "Reversible vs store gradients by depth (scripts/reversible_precision.py)", 150, step_precision),
-    Step("memory", "Activation memory, peak CUDA memory and step time (scripts/bench_memory.py)", 120, step_memory),
+    Step("precision", "Reversible vs store gradients by depth (scripts/bench/reversible_precision.py)", 150, step_precision),
+    Step("memory", "Activation memory, peak CUDA memory and step time (scripts/bench/bench_memory.py)", 120, step_memory),
     Step("fashion", "Fashion-MNIST, the default network (msnet train)", 150, step_fashion),
     Step("hamiltonian", "One epoch of model=hamiltonian, reversible backprop (msnet train)", 180, step_hamiltonian),
-    Step("bench_gpu", "Trainer throughput against a hand-written loop (scripts/bench_gpu.py)", 300, step_bench_gpu),
+    Step("bench_gpu", "Trainer throughput against a hand-written loop (scripts/bench/bench_gpu.py)", 300, step_bench_gpu),
 ]
 MIN_STEP_S = 30.0  # a real step given less than this is skipped; a dry one: 5 s
 

@@ -1,4 +1,4 @@
-"""scripts/bench_pyramid.py as a user runs it: one interleaved pair of runs per seed, each ratio and their median."""
+"""scripts/bench/bench_pyramid.py as a user runs it: one interleaved pair of runs per seed, each ratio and their median."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_pyramid_reports_every_seed_and_the_median(tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_pyramid.py"), "--train-subset", "256", "--channels", "2",
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "bench_pyramid.py"), "--train-subset", "256", "--channels", "2",
            "--layers", "1", "--seeds", "0,1", "--threads", "1", "--pyramid", "2level_block", "--out", str(out),
            "dataset=synthetic", "dataset.image_size=16", "pyramid.epochs=[1,1]"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

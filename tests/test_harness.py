@@ -1,4 +1,4 @@
-"""scripts/_harness.py: runs advanced in turns, the first evaluation at a target, and the level loop as points."""
+"""scripts/bench/_harness.py: runs advanced in turns, the first evaluation at a target, and the level loop as points."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the benchmarks import it from there
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))  # the benchmarks import it from there
 
 from _harness import chunk_batches, first_hit, interleave, markdown_table, run, train_config  # noqa: E402
 

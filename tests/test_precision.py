@@ -4,7 +4,7 @@ A reversible stage rebuilds each state by subtracting the F value its forward ad
 its backward must evaluate F in the forward's arithmetic (:class:`PrecisionState`). What
 the CPU can check is checked here: the TF32 switch's bookkeeping, that forward and
 backward both run under it, and bf16 autocast end to end. Whether a GPU's TF32 and bf16
-kernels keep the promised agreement is measured by ``scripts/reversible_precision.py``
+kernels keep the promised agreement is measured by ``scripts/bench/reversible_precision.py``
 (``scripts/gpu_check.sh``) and by the ``cuda``-marked tests below.
 """
 

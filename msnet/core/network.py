@@ -225,7 +225,7 @@ def set_reversible_tf32(model: nn.Module, allowed: bool) -> None:
     that its gradients agree with stored-activation backprop to float32 round-off on a
     GPU as on the CPU (:class:`~msnet.core.reversible.PrecisionState`). ``allowed=True``
     leaves them to the global setting (TF32 on Ampere and later by default): faster, and
-    measured against the exact path by ``scripts/reversible_precision.py``. Other stages
+    measured against the exact path by ``scripts/bench/reversible_precision.py``. Other stages
     and the CPU are unaffected.
     """
     for block in model.modules():

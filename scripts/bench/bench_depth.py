@@ -3,7 +3,7 @@
 
 In one process, same data, width and optimiser (Adam, constant learning rate, a fresh one per
 level), each configured and trained as ``msnet train`` would (its config groups, and its level
-loop ``msnet.train.fit.run_levels`` through ``scripts/_harness.py``):
+loop ``msnet.train.fit.run_levels`` through ``scripts/bench/_harness.py``):
 
 * random: ``msnet train model.layers=FINAL``: ``--final-depth`` layers from a random start,
   ``--epochs`` epochs;
@@ -18,7 +18,7 @@ final validation accuracy minus 0.5 points; the script prints the training time 
 needs to reach it (the cascade's time counts all its levels) and the ratio cascade / random
 (goal <= 0.5).
 
-    .venv/bin/python scripts/bench_depth.py [--final-depth 32] [--epochs 2] [--train-subset 20000] [--threads 1]
+    .venv/bin/python scripts/bench/bench_depth.py [--final-depth 32] [--epochs 2] [--train-subset 20000] [--threads 1]
 """
 
 from __future__ import annotations

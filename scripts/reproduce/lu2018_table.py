@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Tabulate a reproduce_lu2018.sh output folder beside Lu et al. 2018's CIFAR-10 numbers; plot the learned k_n.
+"""Tabulate a scripts/reproduce/lu2018.sh output folder beside Lu et al. 2018's CIFAR-10 numbers; plot the learned k_n.
 
-    .venv/bin/python scripts/lu2018_table.py OUT
+    .venv/bin/python scripts/reproduce/lu2018_table.py OUT
 
 Reads OUT/{resnet,lm,resnet_half,lm_half}/JOB/{config.yaml,summary.json,checkpoints/last.pt}
 (JOB 0: stochastic depth off, JOB 1: on), prints (1) every run's test error, parameters and
@@ -139,7 +139,7 @@ def plot_k(runs: List[Dict[str, Any]], path: Path) -> Optional[Path]:
 def main(out: Path) -> None:
     runs = load_runs(out)
     if not runs:
-        sys.exit(f"lu2018_table: no runs under {out}; run scripts/reproduce_lu2018.sh first")
+        sys.exit(f"lu2018_table: no runs under {out}; run scripts/reproduce/lu2018.sh first")
     dataset = runs[0]["dataset"]
     console = Console(record=True, width=130)
 

@@ -15,7 +15,7 @@ BCD included: ``experiment=bcd_fashion``):
   in all levels (the same epoch budget; ``--epochs`` changes it).
 
 Both are trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
-``scripts/_harness.py``), so the pyramid's levels, moves and per-level rules are the ones
+``scripts/bench/_harness.py``), so the pyramid's levels, moves and per-level rules are the ones
 ``msnet train`` runs. Validation accuracy is measured every ``1/--evals-per-epoch`` of an epoch,
 and for the pyramid right after each prolongation; evaluation time is excluded from the clocks
 (the moves and stencil fits count), and the two runs advance in turns, chunk by chunk, so that
@@ -27,10 +27,10 @@ the table and curves to ``--out``. Validation accuracy under Adam at lr 2e-3 mov
 point between evaluations, so the first crossing of the target is noisy: ``--seeds 0,1,2`` runs
 one interleaved pair per seed and reports every ratio and their median.
 
-    .venv/bin/python scripts/bench_pyramid.py --train-subset 20000                 # Adam (msnet's default)
-    .venv/bin/python scripts/bench_pyramid.py --pyramid 2level_block --train-subset 20000 --seeds 0,1,2
-    .venv/bin/python scripts/bench_pyramid.py --train-subset 20000 experiment=bcd_fashion   # the paper's BCD
-    .venv/bin/python scripts/bench_pyramid.py pyramid.epochs=[4,2] --epochs 4     # any override
+    .venv/bin/python scripts/bench/bench_pyramid.py --train-subset 20000                 # Adam (msnet's default)
+    .venv/bin/python scripts/bench/bench_pyramid.py --pyramid 2level_block --train-subset 20000 --seeds 0,1,2
+    .venv/bin/python scripts/bench/bench_pyramid.py --train-subset 20000 experiment=bcd_fashion   # the paper's BCD
+    .venv/bin/python scripts/bench/bench_pyramid.py pyramid.epochs=[4,2] --epochs 4     # any override
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ The two alternate (ABAB...) so that machine noise hits both; the table gives the
 images/second of each and the ratio msnet / hand-written (1.00 = no overhead). Compilation
 happens in a warm-up epoch and is reported separately (seconds).
 
-    .venv/bin/python scripts/bench_gpu.py                  # GPU: depths 4 and 32, eager/compiled, fp32/bf16
-    .venv/bin/python scripts/bench_gpu.py --quick          # any device: depth 4, fp32, eager, 1,024 images
-    .venv/bin/python scripts/bench_gpu.py --json rows.json # also write the rows (after each one)
+    .venv/bin/python scripts/bench/bench_gpu.py                  # GPU: depths 4 and 32, eager/compiled, fp32/bf16
+    .venv/bin/python scripts/bench/bench_gpu.py --quick          # any device: depth 4, fp32, eager, 1,024 images
+    .venv/bin/python scripts/bench/bench_gpu.py --json rows.json # also write the rows (after each one)
 
 Eager rows come first, so that a run cut short (scripts/gpu_check.sh gives it a timeout)
 keeps them; compiled rows pay a compilation each.

@@ -11,7 +11,7 @@ refitted on ``--fit-images`` training images (``pyramid.stencils=fit``, msnet.mu
 on the raw fine images. This is the drop the pyramid's fine level has
 to recover (README, Benchmarks: bench_pyramid.py).
 
-    .venv/bin/python scripts/prolongation_drop.py linear:1 constant:1 constant:0 linear:0
+    .venv/bin/python scripts/bench/prolongation_drop.py linear:1 constant:1 constant:0 linear:0
 """
 
 from __future__ import annotations

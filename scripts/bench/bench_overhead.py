@@ -6,7 +6,7 @@ size, same optimiser, in one process. The two loops alternate (ABAB...) so that
 machine noise hits both; the script prints the median epoch time of each and the
 ratio msnet / hand-written (goal: <= 1.05).
 
-    .venv/bin/python scripts/bench_overhead.py [--images 10000] [--repeats 3] [--channels 16]
+    .venv/bin/python scripts/bench/bench_overhead.py [--images 10000] [--repeats 3] [--channels 16]
 """
 
 from __future__ import annotations

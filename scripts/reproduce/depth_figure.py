@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Figure 2 of Haber et al. 2018 from a reproduce_haber2017_depth.sh output folder.
+"""Figure 2 of Haber et al. 2018 from a scripts/reproduce/haber2017_depth.sh output folder.
 
-    .venv/bin/python scripts/depth_figure.py OUT
+    .venv/bin/python scripts/reproduce/depth_figure.py OUT
 
 Reads OUT/multiscale/metrics.jsonl (one +depth=doubling run) and OUT/random/*/metrics.jsonl
 (one run per depth), plots validation accuracy and loss against iterations (mini-batches)

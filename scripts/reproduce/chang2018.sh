@@ -11,13 +11,13 @@
 # Every run is a real `msnet train ... hydra.run.dir=OUT/...`; the tables are built from the
 # runs' summary.json files. The paper's CIFAR accuracies are printed beside msnet's (see PAPER below).
 #
-#   scripts/reproduce_chang2018.sh            about 15-20 min on this project's 2-core CPU machine:
+#   scripts/reproduce/chang2018.sh            about 15-20 min on this project's 2-core CPU machine:
 #                                             Fashion-MNIST (offline), half-width nets with 4 steps per
 #                                             unit, 3 epochs on 10,000 images; subsets of 500 and 2,000
 #                                             images (10 and 4 epochs); estimated from measured step times,
 #                                             not timed end to end
-#   scripts/reproduce_chang2018.sh --quick    a few minutes: tiny nets, 2 epochs on 1,000 images
-#   scripts/reproduce_chang2018.sh --full     the paper's setting: CIFAR-10, Hamiltonian-74-sized nets,
+#   scripts/reproduce/chang2018.sh --quick    a few minutes: tiny nets, 2 epochs on 1,000 images
+#   scripts/reproduce/chang2018.sh --full     the paper's setting: CIFAR-10, Hamiltonian-74-sized nets,
 #                                             SGD 0.1 momentum 0.9, weight decay 2e-4, batch 100,
 #                                             160 epochs (a GPU job; CIFAR-10 must be downloadable or on disk)
 #   options: --dataset NAME (fashion_mnist | cifar10 | mnist ...), --out DIR (or OUT=DIR in the
@@ -29,12 +29,7 @@
 # msnet differences from the paper: no batch normalisation and no data augmentation; one LR
 # decay (x0.1 at half the epochs) instead of the paper's two; midpoint/leapfrog sized by
 # msnet (see conf/model/midpoint.yaml), not from the paper's table.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-MSNET=.venv/bin/msnet
-PY=.venv/bin/python
-
-MODE=default
+source "$(dirname "$0")/_common.sh"   # its own loop below reads --quick/--full with the other flags
 DATASET=""
 DEVICE=""
 THREADS=1

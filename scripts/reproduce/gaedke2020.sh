@@ -6,19 +6,15 @@
 # speedup to the single-level plateau minus 0.5 points, beside the paper's claim (> 3x).
 # Writes gaedke2020.png, table.md and table.json into the output folder.
 #
-#   scripts/reproduce_gaedke2020.sh            # default: Fashion-MNIST, 5,000 training images, 32 layers x 8
+#   scripts/reproduce/gaedke2020.sh            # default: Fashion-MNIST, 5,000 training images, 32 layers x 8
 #                                              #   channels, single 16 epochs, MG/OPT 3 levels 8 epochs
 #                                              #   (estimated ~20 min on 2 CPU cores; not timed end to end)
-#   scripts/reproduce_gaedke2020.sh --quick    # 16 layers x 4 channels, 2,560 images: a few minutes
-#   scripts/reproduce_gaedke2020.sh --full     # 64 layers x 16 channels, the full training set (hours on a CPU)
-#   scripts/reproduce_gaedke2020.sh dataset=mnist              # other datasets: extra overrides go to both runs
-#   scripts/reproduce_gaedke2020.sh trainer.coarse_steps=8     # ... also MG/OPT settings (the single run ignores them)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-MSNET=${MSNET:-.venv/bin/msnet}
-PY=${PY:-.venv/bin/python}
-MODE=default
-if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
+#   scripts/reproduce/gaedke2020.sh --quick    # 16 layers x 4 channels, 2,560 images: a few minutes
+#   scripts/reproduce/gaedke2020.sh --full     # 64 layers x 16 channels, the full training set (hours on a CPU)
+#   scripts/reproduce/gaedke2020.sh dataset=mnist              # other datasets: extra overrides go to both runs
+#   scripts/reproduce/gaedke2020.sh trainer.coarse_steps=8     # ... also MG/OPT settings (the single run ignores them)
+source "$(dirname "$0")/_common.sh"
+shift "$SHIFT"
 OUT=${OUT:-outputs/reproduce/gaedke2020/$(date +%Y-%m-%d_%H-%M-%S)}
 
 # Short epochs (train_subset) give a validation point every few dozen mini-batches; both runs use
@@ -30,7 +26,7 @@ case $MODE in
 esac
 COMMON="model.layers=$L model.channels=$C optimizer=adam optimizer.lr=2e-3 optimizer.scheduler=constant
         trainer.eval_at_start=true trainer.progress=false $DATA"
-# The MG/OPT cycle of scripts/bench_mgopt.py's defaults: 3 levels (L/4, L/2, L steps), no fine smoothing,
+# The MG/OPT cycle of scripts/bench/bench_mgopt.py's defaults: 3 levels (L/4, L/2, L steps), no fine smoothing,
 # 4 Adam steps on the coarsest level per mini-batch.
 MGOPT="trainer=mgopt trainer.levels=3 trainer.cycle=V trainer.nu1=0 trainer.nu2=0 trainer.coarse_steps=4
        trainer.cycle_loss=false"
@@ -47,4 +43,4 @@ echo "MG/OPT (log: $OUT/mgopt.log)"
 "$MSNET" train $COMMON $MGOPT trainer.epochs=$MG "${EXTRA[@]}" hydra.run.dir="$OUT/mgopt" \
   > "$OUT/mgopt.log" 2>&1 || { tail -5 "$OUT/mgopt.log"; exit 1; }
 
-"$PY" scripts/gaedke2020_figure.py "$OUT"
+"$PY" scripts/reproduce/gaedke2020_figure.py "$OUT"

@@ -8,22 +8,18 @@
 # regulariser; GRID= sets any sweep) shows where stencil transfer keeps accuracy; the headline setting is chosen on
 # VALIDATION accuracy of the coarse->fine stencil transfer, and its test numbers are reported.
 #
-#   scripts/reproduce_haber2017_resolution.sh            # default: 10000 images, 4 settings, ~10 min on 2 CPU cores
-#   scripts/reproduce_haber2017_resolution.sh --quick    # ~3 min smoke run (5000 images, 2 settings)
-#   GRID="model.layers=2 model.activation=tanh,relu" scripts/reproduce_haber2017_resolution.sh   # your own sweep
-#   scripts/reproduce_haber2017_resolution.sh --full     # all 55000 images, 16 channels, 10 epochs (hours)
-#   scripts/reproduce_haber2017_resolution.sh dataset=mnist   # extra overrides go to every run
-#   OPTIMIZER=bcd scripts/reproduce_haber2017_resolution.sh   # the paper's optimizer (any mode): every run gets
+#   scripts/reproduce/haber2017_resolution.sh            # default: 10000 images, 4 settings, ~10 min on 2 CPU cores
+#   scripts/reproduce/haber2017_resolution.sh --quick    # ~3 min smoke run (5000 images, 2 settings)
+#   GRID="model.layers=2 model.activation=tanh,relu" scripts/reproduce/haber2017_resolution.sh   # your own sweep
+#   scripts/reproduce/haber2017_resolution.sh --full     # all 55000 images, 16 channels, 10 epochs (hours)
+#   scripts/reproduce/haber2017_resolution.sh dataset=mnist   # extra overrides go to every run
+#   OPTIMIZER=bcd scripts/reproduce/haber2017_resolution.sh   # the paper's optimizer (any mode): every run gets
 #       experiment=bcd_fashion (BCD, batch 1024, ||grad W||^2 1e-7; BCD_BATCH=... changes the batch);
 #       output in .../haber2017_resolution_bcd/
 # Output: $OUT (default outputs/reproduce/haber2017_resolution/DATE) with every run, and
 # table.md / table.json there.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-MSNET=${MSNET:-.venv/bin/msnet}
-PY=${PY:-.venv/bin/python}
-MODE=default
-if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
+source "$(dirname "$0")/_common.sh"
+shift "$SHIFT"
 OPTIMIZER=${OPTIMIZER:-}
 OUT=${OUT:-outputs/reproduce/haber2017_resolution${OPTIMIZER:+_$OPTIMIZER}/$(date +%Y-%m-%d_%H-%M-%S)}
 case $OPTIMIZER in
@@ -60,4 +56,4 @@ for job in "$OUT"/coarse/*/; do
     native="$OUT/coarse/$i/checkpoints/last.pt" hydra.run.dir="$OUT/fine_to_coarse/$i" >> "$OUT/transfer.log"
 done
 
-"$PY" scripts/resolution_table.py "$OUT"
+"$PY" scripts/reproduce/resolution_table.py "$OUT"

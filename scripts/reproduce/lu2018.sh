@@ -7,22 +7,18 @@
 # Pre-activation basic blocks, 3 stages (c, 2c, 4c channels), GAP classifier; see conf/model/*_cifar.yaml.
 # Prints msnet's test errors beside the paper's CIFAR-10 numbers and plots the learned k_n.
 #
-#   scripts/reproduce_lu2018.sh            # default: Fashion-MNIST (offline), 10k training images, 8 channels,
+#   scripts/reproduce/lu2018.sh            # default: Fashion-MNIST (offline), 10k training images, 8 channels,
 #                                          #   n = 4 and 2 (26 and 14 layers), 3 epochs, 8 runs, one seed:
 #                                          #   estimated 13-20 min on 2 idle CPU cores (not timed end to end)
-#   scripts/reproduce_lu2018.sh --quick    # smoke run: 3000 images, 4 channels, n = 2 and 1, 2 epochs
+#   scripts/reproduce/lu2018.sh --quick    # smoke run: 3000 images, 4 channels, n = 2 and 1, 2 epochs
 #                                          #   (7.5 min measured on 2 cores shared with two other jobs)
-#   scripts/reproduce_lu2018.sh --full     # the paper's setting: CIFAR-10 (downloads), 16 channels,
+#   scripts/reproduce/lu2018.sh --full     # the paper's setting: CIFAR-10 (downloads), 16 channels,
 #                                          #   n = 18 and 9 (ResNet-110 / LM-ResNet-56), SGD 0.1, 160 epochs (days on a CPU)
-#   scripts/reproduce_lu2018.sh --quick seed=1 device=cpu   # extra overrides go to every run (and win)
+#   scripts/reproduce/lu2018.sh --quick seed=1 device=cpu   # extra overrides go to every run (and win)
 # Output: $OUT (default outputs/reproduce/lu2018/DATE) with every run (OUT/ROLE/JOB), table.md,
 # table.json and k_n.png there.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-MSNET=${MSNET:-.venv/bin/msnet}
-PY=${PY:-.venv/bin/python}
-MODE=default
-if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
+source "$(dirname "$0")/_common.sh"
+shift "$SHIFT"
 OUT=${OUT:-outputs/reproduce/lu2018/$(date +%Y-%m-%d_%H-%M-%S)}
 
 case $MODE in
@@ -57,4 +53,4 @@ run lm          lm_resnet56_cifar "$N"
 run resnet_half resnet56_cifar    "$HALF"
 run lm_half     lm_resnet56_cifar "$HALF"
 
-"$PY" scripts/lu2018_table.py "$OUT"
+"$PY" scripts/reproduce/lu2018_table.py "$OUT"

@@ -12,7 +12,7 @@ that stopping early is fair to all):
 * bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/train/bcd.py), batch 1024.
 
 Each is trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
-``scripts/_harness.py``). The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so
+``scripts/bench/_harness.py``). The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so
 that noise from other work on the machine hits all alike; validation accuracy is measured before
 training and after every chunk, and evaluation time is excluded from the clocks. The target accuracy is ``--target``, by default
 Adam's final validation accuracy minus one point. Printed and written into ``--out``:
@@ -21,8 +21,8 @@ and time and epochs to the target as ratios to Adam's; the curves (``bench_optim
 and a plot of validation accuracy against training time and against epochs
 (``bench_optimizers.png``, needs matplotlib).
 
-    .venv/bin/python scripts/bench_optimizers.py            # ~15 min on 2 CPU cores
-    .venv/bin/python scripts/bench_optimizers.py --quick    # ~2 min: a smoke test of the script
+    .venv/bin/python scripts/bench/bench_optimizers.py            # ~15 min on 2 CPU cores
+    .venv/bin/python scripts/bench/bench_optimizers.py --quick    # ~2 min: a smoke test of the script
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Tabulate a reproduce_haber2017_resolution.sh output folder beside the paper's numbers.
+"""Tabulate a scripts/reproduce/haber2017_resolution.sh output folder beside the paper's numbers.
 
-    .venv/bin/python scripts/resolution_table.py OUT
+    .venv/bin/python scripts/reproduce/resolution_table.py OUT
 
 Reads OUT/{coarse,fine}/JOB/{config.yaml,summary.json} and OUT/{coarse_to_fine,fine_to_coarse}/JOB/transfer.json,
 prints (1) every setting's validation accuracies (the "smoothed" columns: the fine images

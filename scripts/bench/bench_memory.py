@@ -18,7 +18,7 @@ step (forward, loss, backward) on a fixed batch. For each depth and mode it repo
 Goals: reversible saved bytes at depth 64 within 1.2x of depth 4; reversible step
 time <= 1.6x store.
 
-    .venv/bin/python scripts/bench_memory.py [--depths 4 16 64 256] [--channels 32] [--size 28] [--batch 64] [--json F]
+    .venv/bin/python scripts/bench/bench_memory.py [--depths 4 16 64 256] [--channels 32] [--size 28] [--batch 64] [--json F]
 
 The defaults are a Fashion-MNIST-sized layer (the first unit of conf/model/hamiltonian.yaml).
 Reversible backward calls ``torch.autograd.grad`` once per sub-step from inside a

@@ -4,7 +4,7 @@
 In one process, on the same data (same batches in the same order), the same network (same
 initial weights) and the same smoother (Adam, constant learning rate), each configured and
 trained as ``msnet train`` would (its config groups, and its level loop
-``msnet.train.fit.run_levels`` through ``scripts/_harness.py``):
+``msnet.train.fit.run_levels`` through ``scripts/bench/_harness.py``):
 
 * single: ``msnet train`` (one Adam step per mini-batch, msnet's FirstOrder rule), ``--epochs`` epochs;
 * mgopt: ``msnet train trainer=mgopt`` (one MG/OPT cycle per mini-batch, msnet.train.mgopt.MGOpt,
@@ -22,9 +22,9 @@ the FGE and the epochs to reach it, and the ratios single / mgopt (goals: >= 3 i
 wall time). With ``--out DIR`` it writes DIR/bench_mgopt.png (validation accuracy against work
 and against wall time) and DIR/bench_mgopt.json (both traces).
 
-    .venv/bin/python scripts/bench_mgopt.py                 # default: 32 layers, ~20 min on 2 CPU cores
-    .venv/bin/python scripts/bench_mgopt.py --quick         # 16 layers, 2,560 images: ~2 min
-    .venv/bin/python scripts/bench_mgopt.py --levels 3 --nu1 0 --nu2 0 --coarse-steps 8 --out outputs/bench_mgopt
+    .venv/bin/python scripts/bench/bench_mgopt.py                 # default: 32 layers, ~20 min on 2 CPU cores
+    .venv/bin/python scripts/bench/bench_mgopt.py --quick         # 16 layers, 2,560 images: ~2 min
+    .venv/bin/python scripts/bench/bench_mgopt.py --levels 3 --nu1 0 --nu2 0 --coarse-steps 8 --out outputs/bench_mgopt
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Single-level against MG/OPT training from a reproduce_gaedke2020.sh output folder.
+"""Single-level against MG/OPT training from a scripts/reproduce/gaedke2020.sh output folder.
 
-    .venv/bin/python scripts/gaedke2020_figure.py OUT
+    .venv/bin/python scripts/reproduce/gaedke2020_figure.py OUT
 
 Reads OUT/single and OUT/mgopt (two ``msnet train`` run directories: metrics.jsonl, config.yaml,
 summary.json). Work is counted in fine-gradient equivalents (FGE): the single-level run spends

@@ -5,19 +5,15 @@
 # prolonged linearly in time: msnet train +depth=doubling) and for a random initialisation
 # (msnet train model.layers=N). Writes fig2_depth.png and table.md into the output folder.
 #
-#   scripts/reproduce_haber2017_depth.sh           # default: depths 2..32, ~20 min on 2 CPU cores
-#   scripts/reproduce_haber2017_depth.sh --quick   # depths 2..8, a few minutes
-#   scripts/reproduce_haber2017_depth.sh --full    # the paper's 2..64, full training set (hours)
-#   scripts/reproduce_haber2017_depth.sh dataset=mnist   # extra overrides go to every run
-#   OPTIMIZER=bcd scripts/reproduce_haber2017_depth.sh   # the paper's optimizer (any mode): every run gets
+#   scripts/reproduce/haber2017_depth.sh           # default: depths 2..32, ~20 min on 2 CPU cores
+#   scripts/reproduce/haber2017_depth.sh --quick   # depths 2..8, a few minutes
+#   scripts/reproduce/haber2017_depth.sh --full    # the paper's 2..64, full training set (hours)
+#   scripts/reproduce/haber2017_depth.sh dataset=mnist   # extra overrides go to every run
+#   OPTIMIZER=bcd scripts/reproduce/haber2017_depth.sh   # the paper's optimizer (any mode): every run gets
 #       optimizer=bcd and trainer.batch_size=$BCD_BATCH (default: a quarter of the training images, so
 #       4 BCD iterations per epoch, 24 per depth by default, like the paper's 20); output in .../haber2017_depth_bcd/
-set -euo pipefail
-cd "$(dirname "$0")/.."
-MSNET=${MSNET:-.venv/bin/msnet}
-PY=${PY:-.venv/bin/python}
-MODE=default
-if [[ "${1:-}" == "--quick" || "${1:-}" == "--full" ]]; then MODE=${1#--}; shift; fi
+source "$(dirname "$0")/_common.sh"
+shift "$SHIFT"
 OPTIMIZER=${OPTIMIZER:-}
 OUT=${OUT:-outputs/reproduce/haber2017_depth${OPTIMIZER:+_$OPTIMIZER}/$(date +%Y-%m-%d_%H-%M-%S)}
 
@@ -51,4 +47,4 @@ echo "random initialisation: model.layers=$DEPTHS (log: $OUT/random.log)"
 "$MSNET" train -m model.layers=$DEPTHS trainer.epochs=$EPOCHS $COMMON "${EXTRA[@]}" \
   hydra.sweep.dir="$OUT/random" > "$OUT/random.log" 2>&1 || { tail -5 "$OUT/random.log"; exit 1; }
 
-"$PY" scripts/depth_figure.py "$OUT"
+"$PY" scripts/reproduce/depth_figure.py "$OUT"

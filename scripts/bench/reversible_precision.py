@@ -23,8 +23,8 @@ Arithmetics (columns):
 
 On the CPU only ``fp32`` and ``bf16`` exist (no TF32); the reference is float64 on the same device.
 
-    .venv/bin/python scripts/reversible_precision.py                          # GPU: depths 4 16 64 256
-    .venv/bin/python scripts/reversible_precision.py --depths 2 4 --channels 4 --size 8 --batch 2   # toy, any device
+    .venv/bin/python scripts/bench/reversible_precision.py                          # GPU: depths 4 16 64 256
+    .venv/bin/python scripts/bench/reversible_precision.py --depths 2 4 --channels 4 --size 8 --batch 2   # toy, any device
 """
 
 from __future__ import annotations
