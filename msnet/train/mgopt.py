@@ -105,9 +105,7 @@ from msnet import MsnetError
 from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.train.hierarchy import (  # noqa: F401  coarse_depths and time_matrix: msnet.train.mgopt's names too
-    HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move, time_matrix,
-)
+from msnet.train.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
 from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
 from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
