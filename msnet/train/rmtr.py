@@ -41,14 +41,14 @@ radius and Delta the level's:
 **Coarse correction** (level l > 1, at x_l with g_l and step radius D): if
 ||P^T g_l|| < kappa_g ||g_l|| the coarse level is skipped (Gratton et al.'s test). Otherwise
 x_{l-1,0} = R x_l, psi_{l-1} as above (one coarse gradient), and level l-1 is solved recursively
-inside the room D_{l-1} = D / ||P||_2, where ||P||_2 is the largest singular value over the
-stages' P (1 for the shared variables): every coarse step's radius is min(Delta_{l-1},
-D_{l-1} - ||x_{l-1} - x_{l-1,0}||), and the level stops once ||x_{l-1} - x_{l-1,0}|| >=
-(1 - 1e-3) D_{l-1}, so ||x_{l-1} - x_{l-1,0}|| <= D_{l-1} and the prolonged step
-s = P (x_{l-1} - x_{l-1,0}) has ||s|| <= D: it respects the fine radius (tested). Delta_{l-1}
-starts at D_{l-1} on every entry. The fine trial at x_l + s is judged as a trust-region step with
-pred = psi_{l-1}(x_{l-1,0}) - psi_{l-1}(x_{l-1}) (the coarse objective's actual decrease);
-"at the boundary" means the coarse iterate used up its room.
+inside the room D, measured in level l's norm (the coarse norm ||d||_{l-1} = ||P d||_l that P induces): with
+d = x_{l-1} - x_{l-1,0} and ||P||_2 the largest singular value over the stages' P (1 for the
+shared variables), every coarse step's radius is min(Delta_{l-1}, (D - ||P d||) / ||P||_2), so
+||P (d + s_c)|| <= ||P d|| + ||P||_2 ||s_c|| <= D, and the level stops once ||P d|| >= (1 - 1e-3) D.
+The prolonged step s = P d therefore has ||s|| <= D: it respects the fine radius (tested).
+Delta_{l-1} starts at D / ||P||_2 on every entry. The fine trial at x_l + s is judged as a
+trust-region step with pred = psi_{l-1}(x_{l-1,0}) - psi_{l-1}(x_{l-1}) (the coarse objective's
+actual decrease); "at the boundary" means ||s|| >= (1 - 1e-3) D, as for any step.
 
 **The V-cycle** on level l (room D_room, infinite on the finest level): on the coarsest of several
 levels, ``coarse_steps`` trust-region steps; on any other level ``nu1`` steps, the coarse correction
@@ -83,7 +83,7 @@ coarse level, times k, when every step is tried.
 
 **Where this may deviate from the papers** (not checkable here): Euclidean rather than
 infinity-norm trust regions (Kopaničáková & Krause use the infinity norm and a box-constrained
-subproblem; with the 2-norm the coarse room is D / ||P||_2 instead of D); the truncated-CG
+subproblem, where ||P s_c||_inf <= ||s_c||_inf holds for interpolation); the truncated-CG
 subproblem solver instead of an exact L-SR1 trust-region solve; the choice of gamma; the coarse
 radius reset to its room at every entry; trial gradients counted whether or not they are accepted;
 the adaptive sample rule above (a stall/ratio rule; no variance test, which needs per-sample
