@@ -5,7 +5,7 @@ their defaults, so a misspelt key or a value of the wrong type fails when the
 config is composed, before anything runs. Group options with settings of their own
 have a schema per option (Hydra's pattern: ``conf/optimizer/bcd.yaml`` starts with
 ``defaults: [bcd_schema]``, a :class:`BCDConfig` that extends :class:`OptimizerConfig`), so
-each setting is declared once, here, and a plain run's config holds no BCD or MG/OPT keys.
+each setting is declared once, here, and a plain run's config holds no BCD, MG/OPT or RMTR keys.
 Closed choices are Enums: ``optimizer.scheduler=cosin`` fails at composition with the list
 of valid values. Open choices (registries that grow: datasets, residuals, integrators,
 optimisers, transfer operators) stay strings, checked by name before data is loaded.
@@ -193,6 +193,31 @@ class MGOptConfig(TrainerConfig):
 
 
 @dataclass
+class RMTRConfig(TrainerConfig):
+    """``trainer=rmtr`` (msnet/train/rmtr.py, conf/trainer/rmtr.yaml): recursive multilevel trust region (RMTR)."""
+
+    name: str = "rmtr"
+    levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; 1: single-level trust region
+    nu1: int = 1  # pre-smoothing trust-region steps per level
+    nu2: int = 1  # post-smoothing trust-region steps per level
+    coarse_steps: int = 2  # trust-region steps on the coarsest level
+    restriction: str = "injection"  # variables fine -> coarse (TIME_RESTRICTIONS)
+    prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS); gradients go by its transpose
+    radius: float = 0.1  # initial trust-region radius of the finest level (2-norm of the whole step)
+    radius_max: float = 10.0
+    eta1: float = 0.1  # accept a step when rho = actual / predicted decrease >= eta1
+    eta2: float = 0.75  # grow the radius when rho > eta2 and the step reached it
+    gamma1: float = 0.5  # radius factor after a rejected step
+    gamma2: float = 2.0  # radius factor after a very successful step at the boundary
+    memory: int = 5  # L-SR1 pairs kept per level
+    sr1_skip: float = 1.0e-8  # skip a pair unless |s.(y - Bs)| >= sr1_skip ||s|| ||y - Bs||
+    sr1_gamma0: float = 1.0  # B_0 = sr1_gamma0 I until a pair with s.y > 0 sets gamma = y.y / s.y
+    kappa_g: float = 1.0e-4  # recurse only when ||P^T g|| >= kappa_g ||g||
+    window_max: int = 4  # most mini-batches in the objective (1: no growth)
+    grow_patience: int = 10  # w: cycles of failed ratio tests, or 2w cycles of stalled loss, before the window doubles
+
+
+@dataclass
 class PyramidConfig:
     """Coarse-to-fine image-pyramid training (Haber et al. 2018, Alg. 1); lists run coarsest first."""
 
@@ -307,6 +332,7 @@ def register_configs() -> None:
     cs.store(name="transfer_schema", node=TransferConfig)
     cs.store(group="optimizer", name="bcd_schema", node=BCDConfig)
     cs.store(group="trainer", name="mgopt_schema", node=MGOptConfig)
+    cs.store(group="trainer", name="rmtr_schema", node=RMTRConfig)
 
 
 def compose_config(overrides: List[str], name: str = "train") -> Any:

@@ -96,6 +96,7 @@ def test_documented_keys_are_what_train_and_transfer_write(tiny_cfg, compose_cfg
         "first-order": [],
         "bcd": ["optimizer=bcd", "optimizer.cg_iters=2", "optimizer.classifier_steps=1"],
         "mgopt": ["trainer=mgopt", "model.layers=4", "trainer.coarse_steps=1"],
+        "rmtr": ["trainer=rmtr", "model.layers=4", "trainer.coarse_steps=1"],
     }.items():
         train(tiny_cfg(over + ["trainer.epochs=1", "threads=1"]), tmp_path / name)
         written[name] = load_checkpoint(tmp_path / name)
@@ -109,6 +110,7 @@ def test_documented_keys_are_what_train_and_transfer_write(tiny_cfg, compose_cfg
     unwritten = set(KEYS) - {k for ck in written.values() for k in checkpoint_keys(ck)}
     assert not unwritten, f"KEYS documents keys nothing writes: {unwritten}"
     assert written["bcd"]["bcd"]["iterations"] > 0 and written["mgopt"]["mgopt"]["levels"]
+    assert written["rmtr"]["rmtr"]["lsr1"][-1]["S"] and written["rmtr"]["optimizer"] is None
     assert written["transfer"]["transferred_from"]["level"] == "fine" and written["transfer"]["level"] == "coarse"
     assert written["transfer"]["config"]["level"] == "coarse" and written["transfer"]["resolution"] == [4, 4]
 

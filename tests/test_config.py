@@ -134,11 +134,14 @@ def test_transfer_choices_fail_at_composition(compose_cfg):
 
 
 def test_each_option_declares_only_its_own_settings(compose_cfg):
-    """A plain run's config holds no BCD or MG/OPT keys; their presets hold theirs, typed by their schemas."""
+    """A plain run's config holds no BCD, MG/OPT or RMTR keys; their presets hold theirs, typed by their schemas."""
     plain = compose_cfg("train")
     assert "cycle" not in plain.trainer and "nu1" not in plain.trainer and "cg_iters" not in plain.optimizer
     mg = compose_cfg("train", ["trainer=mgopt"])
     assert mg.trainer.cycle == "V" and mg.trainer.epochs == plain.trainer.epochs and "precision" in mg.trainer
+    assert "memory" not in plain.trainer and "radius" not in mg.trainer
+    rmtr = compose_cfg("train", ["trainer=rmtr"])
+    assert rmtr.trainer.memory == 5 and rmtr.trainer.batch_size == plain.trainer.batch_size and "cycle" not in rmtr.trainer
     bcd = compose_cfg("train", ["optimizer=bcd"])
     assert bcd.optimizer.cg_iters == 10 and bcd.optimizer.scheduler == "constant"
     with pytest.raises(HydraException):

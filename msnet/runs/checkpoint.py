@@ -35,6 +35,8 @@ KEYS: Dict[str, str] = {
     "scheduler": "the learning-rate scheduler's state_dict, or None",
     "bcd": "optimizer=bcd only: {damping, iterations}",
     "mgopt": "trainer=mgopt only: the coarse levels' optimiser/scheduler states and the hierarchy's depths",
+    "rmtr": "trainer=rmtr only: per level its trust-region radius, L-SR1 pairs and counters; the sample window k "
+            "and the growth rule's counters; the hierarchy's depths",
     "rng": '{"torch": ByteTensor, "data": ByteTensor, "cuda": [ByteTensor]} (cuda only where a GPU was seen)',
     "history": "the metrics records written so far (list of dicts; [] for a transferred network)",
     "resolution": "[H, W] of the images the network works on",
@@ -48,7 +50,7 @@ KEYS: Dict[str, str] = {
 }
 """Every key :func:`make_payload` may write, with what it holds."""
 
-RULE_KEYS = ("optimizer", "scheduler", "bcd", "mgopt")
+RULE_KEYS = ("optimizer", "scheduler", "bcd", "mgopt", "rmtr")
 """The keys an update rule's ``state_dict()`` may fill."""
 
 

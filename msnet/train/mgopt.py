@@ -93,7 +93,6 @@ end-of-interval treatment, and the FGE cost model. What msnet measures with it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -105,10 +104,9 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
-from msnet.multigrid import transfer_depth
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
+from msnet.train.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
 from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
-from msnet.train.regularizers import build_regularizer
 from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
 CYCLES = {"V": 1, "W": 2}
@@ -136,86 +134,13 @@ def mgopt_settings(trainer_cfg: Any) -> MGOptConfig:
     return s
 
 
-def coarse_depths(depths: List[int], levels: int) -> List[List[int]]:
-    """Steps per stage on every level, coarsest first: N_l = N_L / 2^(L-l).
-
-    Fails with one line when a stage's depth is not divisible by 2^(L-1).
-    """
-    factor = 2 ** (levels - 1)
-    bad = [n for n in depths if n % factor or n // factor < 1]
-    if bad:
-        raise MsnetError(
-            f"trainer.levels={levels} halves every stage's {depths} steps {levels - 1} time(s), so each needs a "
-            f"multiple of {factor} steps; use model.layers={factor * max(1, math.ceil(max(depths) / factor))} "
-            f"or trainer.levels={_max_levels(depths)}"
-        )
-    return [[n // 2 ** (levels - 1 - i) for n in depths] for i in range(levels)]
-
-
-def _max_levels(depths: List[int]) -> int:
-    levels = 1
-    while all(n % 2 ** levels == 0 for n in depths):
-        levels += 1
-    return levels
-
-
-def time_matrix(kind: str, op: str, n_from: int, n_to: int) -> torch.Tensor:
-    """The ``(n_to, n_from)`` float64 matrix of a registered time operator (``kind`` = prolong|restrict).
-
-    The operators of :mod:`msnet.multigrid.time` are linear along the step axis, so applying one
-    to the identity gives its matrix; a per-step tensor ``(n_from, *shape)`` is then moved by
-    ``tensordot(M, theta, dims=1)``.
-    """
-    f = (TIME_PROLONGATIONS if kind == "prolong" else TIME_RESTRICTIONS).get(op)
-    return f(torch.eye(n_from, dtype=torch.float64), n_to)
-
-
 @dataclass
-class MGLevel:
-    """One level of the hierarchy: its network, parameters, smoother and coherence term.
+class MGLevel(HierarchyLevel):
+    """One level of the MG/OPT hierarchy (:class:`~msnet.train.hierarchy.HierarchyLevel`) with its smoother:
+    ``optimizer`` over ``params`` and its per-epoch ``scheduler``."""
 
-    ``params`` are the network's parameters in ``named_parameters`` order, ``stage[k]`` the stage
-    whose time grid parameter k lives on (None for shared variables; found through
-    ``block.step_parameters()``), ``names`` their names, ``tau[k]`` the coherence
-    vector v of the level's objective psi = f - <v, x> (None on the finest level and while v is
-    being recomputed), ``cost`` N_l / N_L.
-    """
-
-    net: ODEResNet
-    params: List[nn.Parameter]
-    stage: List[Optional[int]]
-    names: List[str]
-    optimizer: torch.optim.Optimizer
-    scheduler: Optional[Any]
-    penalty: Optional[Penalty]
-    cost: float
-    tau: Optional[List[torch.Tensor]] = None
-    grad_evals: int = 0
-    forward_evals: int = 0
-
-    def objective(self, xb: torch.Tensor, yb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(psi, data loss, logits)`` at the current weights: psi = CE + penalty - <v, x>."""
-        logits = self.net(xb)
-        loss = F.cross_entropy(logits, yb)
-        psi = loss + self.penalty() if self.penalty is not None else loss
-        if self.tau is not None:
-            psi = psi - sum((t * p).sum() for t, p in zip(self.tau, self.params))
-        return psi, loss, logits
-
-    def gradient(self, xb: torch.Tensor, yb: torch.Tensor
-                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-        """``(psi, loss, logits, grad psi)`` at the current weights; one gradient evaluation."""
-        psi, loss, logits = self.objective(xb, yb)
-        grads = torch.autograd.grad(psi, self.params, allow_unused=True)
-        self.grad_evals += 1
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        return psi.detach(), loss.detach(), logits.detach(), grads
-
-    @torch.no_grad()
-    def value(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        """psi at the current weights, forward only."""
-        self.forward_evals += 1
-        return self.objective(xb, yb)[0]
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[Any] = None
 
     def smooth(self, xb: torch.Tensor, yb: torch.Tensor, grad_clip: Optional[float]
                ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -229,19 +154,6 @@ class MGLevel:
         self.optimizer.step()
         self.grad_evals += 1
         return loss.detach(), logits.detach()
-
-
-@dataclass
-class _Transfer:
-    """Matrices between level i-1 (coarse) and level i (fine), one triple per stage."""
-
-    R: List[torch.Tensor]  # (N_c, N_f): variables fine -> coarse
-    P: List[torch.Tensor]  # (N_f, N_c): corrections coarse -> fine
-    G: List[torch.Tensor]  # (N_c, N_f): gradients fine -> coarse
-
-
-def _apply(M: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.tensordot(M, t, dims=1)
 
 
 @dataclass
@@ -292,42 +204,20 @@ class MGOpt(UpdateRule):
         self.model, self.s, self.grad_clip = model, settings, grad_clip
         self.gamma = CYCLES[settings.cycle]
         depths = coarse_depths(model.depth(), settings.levels)
-        fine_total = sum(depths[-1])
+        parts = hierarchy_parts(model, depths, settings.prolongation, settings.restriction, reg_cfg, penalty)
         self.levels: List[MGLevel] = []
-        for i, d in enumerate(depths):
-            finest = i == len(depths) - 1
-            net = model if finest else transfer_depth(model, d, settings.prolongation, settings.restriction)
-            net.train(model.training)
+        for i, part in enumerate(parts):
+            finest = i == len(parts) - 1
             lr_i = float(opt_cfg.lr) * (1.0 if finest else settings.coarse_lr_factor)
             cfg_i = opt_cfg if finest else OmegaConf.merge(opt_cfg, {"lr": lr_i})
-            names = [n for n, _ in net.named_parameters()]
-            if self.levels and names != self.levels[0].names:
-                raise RuntimeError(f"coarse and fine networks list different parameters: {names}")
-            params = [p for _, p in net.named_parameters()]
-            stage_of = {id(p): s for s, block in enumerate(net.blocks) for p in block.step_parameters().values()}
-            optimizer = build_optimizer(params, cfg_i)
-            self.levels.append(MGLevel(
-                net=net, params=params, stage=[stage_of.get(id(p)) for p in params], names=names,
-                optimizer=optimizer,
-                scheduler=build_scheduler(optimizer, cfg_i, max(1, epochs)),
-                penalty=penalty if finest else build_regularizer(net, reg_cfg), cost=sum(d) / fine_total,
-            ))
-        like = next(model.parameters())
-        self.transfers: List[Optional[_Transfer]] = [None]
-        for coarse, fine in zip(depths[:-1], depths[1:]):
-            R = [time_matrix("restrict", settings.restriction, nf, nc) for nc, nf in zip(coarse, fine)]
-            P = [time_matrix("prolong", settings.prolongation, nc, nf) for nc, nf in zip(coarse, fine)]
-            G = ([p.T.contiguous() for p in P] if settings.gradient_restriction == "transpose"
-                 else [r * (nf / nc) for r, nc, nf in zip(R, coarse, fine)])
-            R, P, G = ([m.to(dtype=like.dtype, device=like.device) for m in ms] for ms in (R, P, G))
-            self.transfers.append(_Transfer(R, P, G))
+            optimizer = build_optimizer(part["params"], cfg_i)
+            self.levels.append(MGLevel(**part, optimizer=optimizer,
+                                       scheduler=build_scheduler(optimizer, cfg_i, max(1, epochs))))
+        self.transfers = build_transfers(depths, settings.restriction, settings.prolongation,
+                                         settings.gradient_restriction, next(model.parameters()))
         self.cycles = 0
         self.work_fge = 0.0
         self._epoch = {"cycles": 0, "accepted": 0, "alpha_sum": 0.0}
-
-    # --- transfers -------------------------------------------------------------------------
-    def _move(self, matrices: List[torch.Tensor], stage: Optional[int], t: torch.Tensor) -> torch.Tensor:
-        return t if stage is None else _apply(matrices[stage], t)
 
     def prepare_coarse(self, i: int, xb: torch.Tensor, yb: torch.Tensor
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
@@ -336,15 +226,8 @@ class MGOpt(UpdateRule):
         Returns ``(psi_i, loss, logits, grad psi_i)`` at x_i (one gradient on each of the two levels).
         Afterwards the gradient of ``levels[i-1].objective`` at the restricted point is R_g grad psi_i(x_i).
         """
-        fine, coarse, tr = self.levels[i], self.levels[i - 1], self.transfers[i]
-        psi, loss, logits, g = fine.gradient(xb, yb)
-        with torch.no_grad():
-            for pc, pf, st in zip(coarse.params, fine.params, fine.stage):
-                pc.copy_(self._move(tr.R, st, pf))
-        coarse.tau = None
-        _, _, _, gc = coarse.gradient(xb, yb)
-        with torch.no_grad():
-            coarse.tau = [a - self._move(tr.G, st, b) for a, b, st in zip(gc, g, fine.stage)]
+        psi, loss, logits, g = self.levels[i].gradient(xb, yb)
+        couple_coarse(self.levels[i], self.levels[i - 1], self.transfers[i], g, xb, yb)
         return psi, loss, logits, g
 
     # --- the cycle ---------------------------------------------------------------------------
@@ -372,7 +255,7 @@ class MGOpt(UpdateRule):
         for _ in range(self.gamma):
             self._cycle(i - 1, xb, yb, log, first)
         with torch.no_grad():
-            e = [self._move(tr.P, st, pc - c0) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]
+            e = [move(tr.P, st, pc - c0) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]
             slope = float(sum((gk * ek).sum() for gk, ek in zip(g, e)))
             zero = all(not bool(ek.any()) for ek in e)
             alpha, corrected = 0.0, None
