@@ -199,11 +199,28 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_bcd.py::test_bcd_iteration_is_monotone_and_both_blocks_move",),
     ),
     Mutation(
-        "mgopt-coherence", "msnet/train/mgopt.py",
-        "coarse.tau = [a - self._move(tr.G, st, b) for a, b, st in zip(gc, g, fine.stage)]",
-        "coarse.tau = [a - self._move(tr.R, st, b) for a, b, st in zip(gc, g, fine.stage)]",
-        "MG/OPT coherence term restricts the fine gradient with R (injection) instead of P^T",
-        ("tests/test_mgopt.py::test_first_order_coherence_on_every_level",),
+        "mgopt-coherence", "msnet/train/hierarchy.py",
+        "coarse.tau = [a - move(tr.G, st, b) for a, b, st in zip(gc, g, fine.stage)]",
+        "coarse.tau = [a - move(tr.R, st, b) for a, b, st in zip(gc, g, fine.stage)]",
+        "the coherence term MG/OPT and RMTR share (hierarchy.couple_coarse) restricts the fine gradient with R "
+        "(injection) instead of P^T",
+        ("tests/test_mgopt.py::test_first_order_coherence_on_every_level",
+         "tests/test_rmtr.py::test_first_order_coherence_on_every_level"),
+    ),
+    Mutation(
+        "rmtr-room", "msnet/train/rmtr.py",
+        "                step_radius = min(step_radius, left / self.p_norm[i + 1])",
+        "                step_radius = min(step_radius, left)",
+        "RMTR's coarse steps forget that P can lengthen them (||P s_c|| <= ||P|| ||s_c||): the prolonged step may "
+        "leave the fine trust region",
+        ("tests/test_rmtr.py::test_prolonged_coarse_step_respects_the_fine_radius",),
+    ),
+    Mutation(
+        "rmtr-radius-shrink", "msnet/train/rmtr.py",
+        "        return s.gamma1 * step_radius",
+        "        return s.gamma1 * radius",
+        "RMTR shrinks a rejected step's level radius instead of the step's own (room-limited) radius",
+        ("tests/test_rmtr.py::test_radius_rules",),
     ),
     Mutation(
         "mgopt-rejected-correction-kept", "msnet/train/mgopt.py",
@@ -214,8 +231,8 @@ MUTATIONS: List[Mutation] = [
     ),
     Mutation(
         "mgopt-correction", "msnet/train/mgopt.py",
-        "e = [self._move(tr.P, st, pc - c0) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
-        "e = [self._move(tr.P, st, pc) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
+        "e = [move(tr.P, st, pc - c0) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
+        "e = [move(tr.P, st, pc) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
         "MG/OPT prolongs the coarse weights instead of the coarse correction x_H - R x_h",
         ("tests/test_mgopt.py::test_prolonged_coarse_step_is_the_predicted_descent_step",),
     ),
