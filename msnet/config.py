@@ -139,16 +139,16 @@ class BCDConfig(OptimizerConfig):
     """``optimizer=bcd`` (msnet/train/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
 
     name: str = "bcd"
-    lr: float = 1.0  # first trial step length of the propagation line search
-    classifier_steps: int = 5  # inexact Newton-CG steps on the classifier per iteration
-    classifier_cg_iters: int = 10  # most CG iterations per classifier Newton step
-    cg_iters: int = 10  # CG iterations of the propagation Gauss-Newton step
+    lr: float = 1.0  # first trial step length of the propagation line search (a Newton step)
+    classifier_steps: int = 5  # inexact Newton-CG steps on the classifier per iteration (the paper's five)
+    classifier_cg_iters: int = 10  # most CG iterations per Newton step (stops at ||r|| <= min(1/2, ||g||) ||g||)
+    cg_iters: int = 10  # CG iterations of the propagation Gauss-Newton step (fixed)
     hessian_subsample: float = 0.125  # fraction (<= 1) or number (> 1) of the batch's images for the GN matrix
-    armijo_c1: float = 1.0e-4  # sufficient-decrease constant of the line searches
-    backtrack: float = 0.5  # step length factor per backtrack
-    max_backtracks: int = 8
+    armijo_c1: float = 1.0e-4  # sufficient decrease: J(theta + a d) <= J(theta) + c1 a g^T d
+    backtrack: float = 0.5  # a <- a * backtrack after a failed trial
+    max_backtracks: int = 8  # then the step is not taken (and the damping grows)
     damping: float = 1.0e-2  # Levenberg-Marquardt term added to the GN matrix (initial value)
-    damping_adapt: bool = True  # adapt the damping to actual/predicted decrease
+    damping_adapt: bool = True  # lambda *= 2/3 if actual/predicted decrease > 3/4, *= 3/2 if < 1/4 or rejected
 
 
 @dataclass
@@ -177,18 +177,18 @@ class MGOptConfig(TrainerConfig):
     """``trainer=mgopt`` (msnet/train/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
 
     name: str = "mgopt"
-    levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T
-    cycle: Cycle = Cycle.V  # V | W
-    nu1: int = 1  # pre-smoothing steps per level
-    nu2: int = 1  # post-smoothing steps per level
+    levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; model.layers: a multiple of 2^(L-1)
+    cycle: Cycle = Cycle.V  # V | W (W: each coarse problem gets two recursive cycles)
+    nu1: int = 1  # pre-smoothing steps (every level but the coarsest)
+    nu2: int = 1  # post-smoothing steps
     coarse_steps: int = 2  # smoother steps on the coarsest level
     coarse_lr_factor: float = 1.0  # coarse levels' learning rate = factor * optimizer.lr
     restriction: str = "injection"  # variables fine -> coarse (TIME_RESTRICTIONS)
     prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS)
     gradient_restriction: GradientRestriction = GradientRestriction.transpose  # transpose (P^T) | scaled (N_f/N_c R)
-    line_search: LineSearch = LineSearch.none  # none | armijo (backtracking on the corrected level's objective)
+    line_search: LineSearch = LineSearch.none  # none: add the prolonged correction | armijo: backtrack on the level's objective
     armijo_c1: float = 1.0e-4
-    max_backtracks: int = 4
+    max_backtracks: int = 4  # armijo: then the correction is dropped
     cycle_loss: bool = True  # steps.jsonl: fine batch loss after each cycle (one forward, not counted as work)
 
 
