@@ -17,6 +17,7 @@ from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, build_model
 from msnet.core.network import ODEBlock
 from msnet.core.residual import Spectrum, conv_norm
 from msnet.core.reversible import INIT_STEP_RATIO, antisym_stencil, scheme_note, stable_fields
+from msnet.train.setup import stability_notes
 
 from .test_integrators import conv_matrix
 
@@ -204,3 +205,11 @@ def test_unstable_pairings_get_a_note_not_an_error():
     assert scheme_note(INTEGRATORS.get("leapfrog"), RESIDUALS.get("conv_antisym")) is not None
     assert scheme_note(INTEGRATORS.get("euler"), RESIDUALS.get("conv_act")) is None
     build_model(ModelSpec(1, 3, (8, 8), integrator="midpoint"))  # conv_act: builds, no error
+
+
+def test_a_run_notes_an_unstable_pairing_from_its_config(compose_cfg):
+    """Before data is loaded, the config alone: the presets get no note, the plain midpoint one line."""
+    for preset in ("midpoint", "leapfrog", "hamiltonian", "resnet"):
+        assert stability_notes(compose_cfg("train", [f"model={preset}"]).model) == []
+    (line,) = stability_notes(compose_cfg("train", ["model=midpoint", "model.residual=conv_act"]).model)
+    assert "model.residual=conv_antisym" in line
