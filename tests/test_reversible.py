@@ -15,7 +15,7 @@ from torch.func import functional_call
 from msnet import MsnetError
 from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth, build_model
 from msnet.core.network import ODEBlock, PadConnective
-from msnet.core.reversible import HamiltonianResidual, odeint_scheme, residual_evaluator
+from msnet.core.reversible import HamiltonianResidual, odeint_scheme, residual_evaluator, stable_fields
 from msnet.train import train
 from msnet.train.setup import check_config
 
@@ -43,6 +43,12 @@ def residual_for(name: str) -> str:
     if needs:
         return next(r for r in RESIDUALS.names() if needs <= set(getattr(RESIDUALS.get(r), "parts", ())))
     return "conv_act"
+
+
+# (integrator, residual): every reversible scheme on the fields it is stable on (its ``stable_for`` spectrum,
+# e.g. midpoint on conv_antisym and hamiltonian) and on residual_for's (conv_act: the plain midpoint and leapfrog)
+SCHEME_FIELDS = sorted({(n, r) for n in REVERSIBLE for r in [residual_for(n), *stable_fields(INTEGRATORS.get(n))]})
+SCHEME_IDS = [f"{n}-{r}" for n, r in SCHEME_FIELDS]
 
 
 def random_block(
@@ -73,10 +79,10 @@ def trajectory(block: ODEBlock, y0: torch.Tensor):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", REVERSIBLE)
-def test_inverse_steps_rebuild_every_state(name, dtype, device):
+@pytest.mark.parametrize("name,residual", SCHEME_FIELDS, ids=SCHEME_IDS)
+def test_inverse_steps_rebuild_every_state(name, residual, dtype, device):
     """Run 64 steps forward, then 64 inverse steps from the last state: every state comes back."""
-    block = random_block(name, 64, 2.0, dtype=dtype).to(device)
+    block = random_block(name, 64, 2.0, dtype=dtype, residual=residual).to(device)
     y0 = torch.randn(3, 4, 6, 6, dtype=dtype).to(device)
     with torch.no_grad():
         states = trajectory(block, y0)
@@ -93,10 +99,10 @@ def test_inverse_steps_rebuild_every_state(name, dtype, device):
     assert (rebuilt - y0).abs().max().item() / scale < RECONSTRUCT_TOL[dtype]
 
 
-def two_stage_model(name: str, backprop: str, connective: str = "pad", p_last: float = 1.0):
+def two_stage_model(name: str, backprop: str, connective: str = "pad", p_last: float = 1.0, residual=None):
     torch.manual_seed(0)
     spec = ModelSpec(
-        1, 3, (8, 8), [StageSpec(4, 5, 1.0), StageSpec(8, 7, 2.0)], residual=residual_for(name),
+        1, 3, (8, 8), [StageSpec(4, 5, 1.0), StageSpec(8, 7, 2.0)], residual=residual or residual_for(name),
         integrator=name, classifier="gap", connective=connective, backprop=backprop,
         stochastic_depth=StochasticDepth(p_last),
     )
@@ -105,13 +111,13 @@ def two_stage_model(name: str, backprop: str, connective: str = "pad", p_last: f
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("connective", ["pad", "conv"])
-@pytest.mark.parametrize("name", REVERSIBLE)
-def test_reversible_gradients_equal_stored_ones(name, connective, device):
+@pytest.mark.parametrize("name,residual", SCHEME_FIELDS, ids=SCHEME_IDS)
+def test_reversible_gradients_equal_stored_ones(name, residual, connective, device):
     """float64: d loss / d(input, every parameter) of backprop=reversible equals backprop=store to 1e-10."""
     x = torch.randn(5, 1, 8, 8, dtype=torch.float64).to(device)
     grads = {}
     for backprop in ("store", "reversible"):
-        model = two_stage_model(name, backprop, connective).to(device)
+        model = two_stage_model(name, backprop, connective, residual=residual).to(device)
         xi = x.clone().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(model(xi), torch.tensor([0, 1, 2, 0, 1], device=device))
         loss.backward()
@@ -135,12 +141,12 @@ def test_reversible_backprop_follows_stochastic_depth_gates(name):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-10 * max(1.0, a.abs().max().item()))
 
 
-@pytest.mark.parametrize("name", REVERSIBLE)
-def test_gradcheck_reversible_backprop(name):
+@pytest.mark.parametrize("name,residual", SCHEME_FIELDS, ids=SCHEME_IDS)
+def test_gradcheck_reversible_backprop(name, residual):
     """float64 gradcheck of a two-stage network trained with backprop=reversible, input and every parameter."""
     torch.manual_seed(0)
     spec = ModelSpec(
-        1, 3, (4, 4), [StageSpec(2, 3, 1.0), StageSpec(4, 2, 0.5)], residual=residual_for(name),
+        1, 3, (4, 4), [StageSpec(2, 3, 1.0), StageSpec(4, 2, 0.5)], residual=residual,
         integrator=name, connective="pad", backprop="reversible",
     )
     model = build_model(spec).double()

@@ -9,7 +9,10 @@ order of accuracy for a smooth autonomous ODE), ``reversible`` (has an exact
 inverse step), ``history`` (how many past states a step needs: 1 for one-step
 methods, 2 for two-step schemes such as leapfrog or LM), ``stages`` (residual
 evaluations per step) and ``per_step_params`` (parameters can be moved in time
-by the depth schedules). A scheme may add learnable per-step parameters of its
+by the depth schedules). Where numerical analysis gives one, an integrator also
+declares its stability condition: the Jacobian spectra it is stable on
+(``stable_for``) and the step size it needs there, h^step_power rho(J) < step_limit
+(:mod:`msnet.core.reversible`). A scheme may add learnable per-step parameters of its
 own through :meth:`AbstractIntegrator.shapes` (a linear multistep scheme's
 k_n, say) without any change elsewhere.
 """
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import abc
 
-from typing import Callable, ClassVar, Dict, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from msnet.core.residual import Spectrum
 from msnet.registry import Registry
 
 Params = Dict[str, torch.Tensor]
@@ -40,6 +44,13 @@ class AbstractIntegrator(abc.ABC):
     per_step_params: ClassVar[bool] = True
     parts: ClassVar[Tuple[str, ...]] = ()
     """The parts of a partitioned field (:attr:`AbstractResidual.parts`) the scheme evaluates alone; () for none."""
+    stable_for: ClassVar[Tuple[Spectrum, ...]] = ()
+    """The Jacobian spectra (:attr:`AbstractResidual.spectrum`) the scheme is stable on, for h small enough;
+    () where msnet states no condition (the explicit one-step methods, on which msnet's ResNets run with h <= 1/4)."""
+    step_limit: ClassVar[Optional[float]] = None
+    step_power: ClassVar[int] = 1
+    """On a field in ``stable_for`` with spectral radius rho, the frozen linearised step is stable while
+    h^step_power rho < step_limit (None: no condition stated)."""
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Per-step parameters the scheme itself learns (shape of one step). None by default."""

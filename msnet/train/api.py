@@ -24,7 +24,7 @@ from msnet.train import distributed
 from msnet.train.fit import level_label, run_levels
 from msnet.train.loop import NonFiniteLoss
 from msnet.train.schedule import Schedule, build_schedule
-from msnet.train.setup import model_spec, preflight
+from msnet.train.setup import model_spec, preflight, stability_notes
 from msnet.train.state import RunState
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "work_fge",
@@ -82,6 +82,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]],
     run.reset_metrics(state.history)
     setup_s = time.perf_counter() - t_setup
     _print_start(console, cfg, data, spec, schedule, state, device, env, run)
+    _warn(console, stability_notes(cfg.model))
 
     ckpt_path = run.checkpoints / "last.pt"
     status, error, last_good = "completed", None, None
@@ -120,6 +121,12 @@ def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]],
         hint = f"msnet train resume={ckpt_path}" if ckpt_path.exists() else "a new run (no epoch had finished)"
         raise MsnetError(f"interrupted during epoch {state.epoch}; continue with: {hint}")
     return summary
+
+
+def _warn(console: RunConsole, lines: List[str]) -> None:
+    """Warnings that do not stop the run (an integrator on a field it is not stable on), one line each."""
+    for line in lines:
+        console.print(f"[yellow]warning:[/yellow] {line}")
 
 
 def _epoch_line(r: Dict[str, Any], label: str) -> str:

@@ -13,7 +13,7 @@ from msnet import MsnetError
 from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth,
                          resolve_dtype)
 from msnet.core.network import check_connective, check_p_last
-from msnet.core.reversible import check_scheme
+from msnet.core.reversible import check_scheme, scheme_note
 from msnet.data import DATASETS, DataBundle
 from msnet.runs import load_checkpoint
 from msnet.train import distributed, speed
@@ -107,6 +107,14 @@ def check_architecture(model_cfg: Any) -> None:
     backprop = OmegaConf.select(model_cfg, "backprop", default="store")
     check_scheme(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual), backprop, widths)
     check_connective(OmegaConf.select(model_cfg, "connective", default="conv"), widths)
+
+
+def stability_notes(model_cfg: Any) -> List[str]:
+    """Warnings (not errors) the model config alone gives: an integrator on a residual whose Jacobian spectrum
+    it is not stable on at any step size (:func:`~msnet.core.reversible.scheme_note`), e.g. the plain
+    ``model=midpoint model.residual=conv_act`` kept for comparison. One line each, naming the stable fields."""
+    note = scheme_note(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual))
+    return [note] if note else []
 
 
 def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
