@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 def rank_scratch(command: str) -> Optional[str]:
     """Under torchrun, a temporary output directory for ranks > 0 of ``msnet train`` (None otherwise).
 
-    Hydra makes a run directory per process; rank 0's is the run's (msnet/train/distributed.py),
+    Hydra makes a run directory per process; rank 0's is the run's (msnet/training/distributed.py),
     the others' go here and are removed when the rank exits, so no stray run folders are left.
     """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -136,7 +136,7 @@ class OptimizerConfig:
 
 @dataclass
 class BCDConfig(OptimizerConfig):
-    """``optimizer=bcd`` (msnet/train/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
+    """``optimizer=bcd`` (msnet/training/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
 
     name: str = "bcd"
     lr: float = 1.0  # first trial step length of the propagation line search (a Newton step)
@@ -164,7 +164,7 @@ class TrainerConfig:
     grad_clip: Optional[float] = None
     checkpoint_every: int = 1  # epochs
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
-    # data-parallel and GPU speed (msnet/train/distributed.py, msnet/train/speed.py); first-order optimizers only
+    # data-parallel and GPU speed (msnet/training/distributed.py, msnet/training/speed.py); first-order optimizers only
     devices: int = 1  # K > 1: `msnet train` starts K processes with torchrun (DDP, one GPU or CPU share each)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
     compile: bool = False  # torch.compile the network the update rule calls
@@ -174,7 +174,7 @@ class TrainerConfig:
 
 @dataclass
 class MGOptConfig(TrainerConfig):
-    """``trainer=mgopt`` (msnet/train/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
+    """``trainer=mgopt`` (msnet/training/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
 
     name: str = "mgopt"
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; model.layers: a multiple of 2^(L-1)
@@ -194,7 +194,7 @@ class MGOptConfig(TrainerConfig):
 
 @dataclass
 class RMTRConfig(TrainerConfig):
-    """``trainer=rmtr`` (msnet/train/rmtr.py, conf/trainer/rmtr.yaml): recursive multilevel trust region (RMTR)."""
+    """``trainer=rmtr`` (msnet/training/rmtr.py, conf/trainer/rmtr.yaml): recursive multilevel trust region (RMTR)."""
 
     name: str = "rmtr"
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; 1: single-level trust region

@@ -377,7 +377,7 @@ def main() -> int:
     import torch  # noqa: F401
     import pytest  # noqa: F401
     import msnet.cli  # noqa: F401
-    import msnet.train  # noqa: F401
+    import msnet.training  # noqa: F401
     try:
         import torchvision.datasets  # noqa: F401
     except Exception:  # noqa: BLE001 - the env step records it

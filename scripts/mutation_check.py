@@ -178,28 +178,28 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_datafit.py::test_every_fitted_layer_solves_its_normal_equations[coarser-linear]",),
     ),
     Mutation(
-        "gauss-newton-hessian", "msnet/train/newton.py",
+        "gauss-newton-hessian", "msnet/training/newton.py",
         "return (pu - probs * pu.sum(dim=1, keepdim=True)) / probs.shape[0]",
         "return pu / probs.shape[0]",
         "cross-entropy Hessian in logit space without its rank-one term (diag(p) instead of diag(p) - p p^T)",
         ("tests/test_bcd.py::test_gauss_newton_product_equals_explicit_jacobians",),
     ),
     Mutation(
-        "newton-forcing-term", "msnet/train/newton.py",
+        "newton-forcing-term", "msnet/training/newton.py",
         "cg = conjugate_gradient(apply, [-gi for gi in g], cg_iters, rtol=min(0.5, gnorm))",
         "cg = conjugate_gradient(apply, [-gi for gi in g], cg_iters, rtol=0.5)",
         "Newton-CG with a fixed CG tolerance 1/2 instead of min(1/2, ||g||): linear, not quadratic, convergence",
         ("tests/test_bcd.py::test_newton_cg_on_the_classifier_converges_quadratically_to_the_lbfgs_optimum",),
     ),
     Mutation(
-        "bcd-stale-features", "msnet/train/bcd.py",
+        "bcd-stale-features", "msnet/training/bcd.py",
         'feats1 = trial["feats"] if a > 0 else feats0',
         "feats1 = feats0",
         "BCD's classifier block solves on the features from before the propagation step",
         ("tests/test_bcd.py::test_bcd_iteration_is_monotone_and_both_blocks_move",),
     ),
     Mutation(
-        "mgopt-coherence", "msnet/train/hierarchy.py",
+        "mgopt-coherence", "msnet/training/hierarchy.py",
         "coarse.tau = [a - move(tr.G, st, b) for a, b, st in zip(gc, g, fine.stage)]",
         "coarse.tau = [a - move(tr.R, st, b) for a, b, st in zip(gc, g, fine.stage)]",
         "the coherence term MG/OPT and RMTR share (hierarchy.couple_coarse) restricts the fine gradient with R "
@@ -208,7 +208,7 @@ MUTATIONS: List[Mutation] = [
          "tests/test_rmtr.py::test_first_order_coherence_on_every_level"),
     ),
     Mutation(
-        "rmtr-room", "msnet/train/rmtr.py",
+        "rmtr-room", "msnet/training/rmtr.py",
         "                step_radius = min(step_radius, left / self.p_norm[i + 1])",
         "                step_radius = min(step_radius, left)",
         "RMTR's coarse steps forget that P can lengthen them (||P s_c|| <= ||P|| ||s_c||): the prolonged step may "
@@ -216,21 +216,21 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_rmtr.py::test_prolonged_coarse_step_respects_the_fine_radius",),
     ),
     Mutation(
-        "rmtr-radius-shrink", "msnet/train/rmtr.py",
+        "rmtr-radius-shrink", "msnet/training/rmtr.py",
         "        return s.gamma1 * step_radius",
         "        return s.gamma1 * radius",
         "RMTR shrinks a rejected step's level radius instead of the step's own (room-limited) radius",
         ("tests/test_rmtr.py::test_radius_rules",),
     ),
     Mutation(
-        "mgopt-rejected-correction-kept", "msnet/train/mgopt.py",
+        "mgopt-rejected-correction-kept", "msnet/training/mgopt.py",
         "        for p, a in zip(lv.params, x0):\n            p.copy_(a)\n        return 0.0, None",
         "        return 0.0, None",
         "MG/OPT keeps the last trial of a correction its line search rejected",
         ("tests/test_mgopt.py::test_armijo_correction_is_checked_outside_the_cycle",),
     ),
     Mutation(
-        "mgopt-correction", "msnet/train/mgopt.py",
+        "mgopt-correction", "msnet/training/mgopt.py",
         "e = [move(tr.P, st, pc - c0) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
         "e = [move(tr.P, st, pc) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
         "MG/OPT prolongs the coarse weights instead of the coarse correction x_H - R x_h",

@@ -83,10 +83,10 @@ def one_thread():
 
 @pytest.fixture
 def fail_epoch(monkeypatch):
-    """``fail_epoch(n, error)``: the n-th epoch the level loop (:mod:`msnet.train.fit`) trains raises ``error``
+    """``fail_epoch(n, error)``: the n-th epoch the level loop (:mod:`msnet.training.fit`) trains raises ``error``
     (default ``KeyboardInterrupt``: Ctrl-C in that epoch); ``restore()`` on the returned handle
     puts the real loop back for a resume in the same test."""
-    from msnet.train import fit
+    from msnet.training import fit
 
     real = fit.train_epoch
 

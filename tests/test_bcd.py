@@ -21,12 +21,12 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import build_optimizer, train
+from msnet.training import build_optimizer, train
 from msnet.config import BCDConfig
-from msnet.train.bcd import BCD, bcd_settings, gn_subsample, stored_states
-from msnet.train.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
-from msnet.train.regularizers import build_regularizer
-from msnet.train.updates import selected_rule
+from msnet.training.bcd import BCD, bcd_settings, gn_subsample, stored_states
+from msnet.training.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
+from msnet.training.regularizers import build_regularizer
+from msnet.training.updates import selected_rule
 
 from .conftest import needs_fashion
 

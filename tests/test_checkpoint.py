@@ -89,7 +89,7 @@ def test_documented_keys_are_what_train_and_transfer_write(tiny_cfg, compose_cfg
     from msnet.runs import KEYS
     from msnet.runs.checkpoint import checkpoint_keys
     from msnet.tasks.transfer import transfer_checkpoint
-    from msnet.train import train
+    from msnet.training import train
 
     written = {}
     for name, over in {

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from msnet import MsnetError
-from msnet.train.setup import check_config, override_keys, resumed_config
+from msnet.training.setup import check_config, override_keys, resumed_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["dataset", "model", "optimizer", "trainer", "experiment"]
@@ -98,7 +98,7 @@ def test_resumed_config_takes_only_overridden_keys(compose_cfg):
 )
 def test_bad_values_fail_in_preflight_before_data_is_loaded(tiny_cfg, tmp_path, monkeypatch, overrides, match):
     """Every check that needs no data runs before the dataset is read (and before anything is written)."""
-    from msnet.train import api
+    from msnet.training import api
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the config was checked")

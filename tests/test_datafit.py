@@ -15,11 +15,11 @@ from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.data import prepare_data
 from msnet.multigrid import check_stencil_transfer, fit_transfer, get_transfer, level_data, transfer_resolution
-from msnet.train import train
-from msnet.train.loop import evaluate, train_epoch
-from msnet.train.schedule import build_schedule, prolong_level
-from msnet.train.setup import model_spec
-from msnet.train.updates import build_update
+from msnet.training import train
+from msnet.training.loop import evaluate, train_epoch
+from msnet.training.schedule import build_schedule, prolong_level
+from msnet.training.setup import model_spec
+from msnet.training.updates import build_update
 
 from .conftest import needs_fashion
 

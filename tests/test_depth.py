@@ -14,8 +14,8 @@ from msnet.multigrid.time import (
     TIME_PROLONGATIONS, TIME_RESTRICTIONS, prolong_constant, prolong_linear, restrict_average, restrict_injection,
 )
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import train
-from msnet.train.schedule import build_schedule, depth_levels
+from msnet.training import train
+from msnet.training.schedule import build_schedule, depth_levels
 from msnet.tasks.transfer import transfer_checkpoint
 
 from .conftest import loglog_slope

@@ -1,6 +1,6 @@
 """Data-parallel training (DDP on gloo, CPU) equals one process over the same global batch; the launcher; refusals.
 
-The 2-process runs start with torch.multiprocessing (each rank calls :func:`msnet.train.train`
+The 2-process runs start with torch.multiprocessing (each rank calls :func:`msnet.training.train`
 with torchrun's environment variables), in float64 so the comparison can be tight.
 """
 
@@ -22,12 +22,12 @@ from omegaconf import OmegaConf, open_dict
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import UPDATE_RULES, FirstOrder, train
+from msnet.training import UPDATE_RULES, FirstOrder, train
 from msnet.tasks import launch
-from msnet.train import distributed
-from msnet.train.setup import check_config
-from msnet.train.updates import selected_rule
-from msnet.train.distributed import DistEnv, Shard
+from msnet.training import distributed
+from msnet.training.setup import check_config
+from msnet.training.updates import selected_rule
+from msnet.training.distributed import DistEnv, Shard
 
 MSNET = Path(sys.executable).parent / "msnet"
 

@@ -82,13 +82,13 @@ def test_the_walker_finds_a_planted_circle():
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "msnet.train.distributed" in graph and "msnet.tasks.launch" in graph
+    assert "msnet.training.distributed" in graph and "msnet.tasks.launch" in graph
     assert cycles(graph) == []
 
 
 def test_rooms_import_one_way():
-    """The core imports nothing from train/, runs/, tasks/ or multigrid/; multigrid never trains;
-    the DDP primitives are a leaf of train/; evaluate and transfer do not load the trainer."""
+    """The core imports nothing from training/, runs/, tasks/ or multigrid/; multigrid never trains;
+    the DDP primitives are a leaf of training/; evaluate and transfer do not load the trainer."""
     graph = import_graph()
 
     def reaches(src: str, prefix: str) -> List[str]:
@@ -99,12 +99,12 @@ def test_rooms_import_one_way():
 
     for mod, deps in graph.items():
         if room(mod) == "core":
-            assert not [d for d in deps if room(d) in ("train", "runs", "tasks", "multigrid", "commands")], mod
+            assert not [d for d in deps if room(d) in ("training", "runs", "tasks", "multigrid", "commands")], mod
         if room(mod) in ("multigrid", "data", "runs"):
-            assert not [d for d in deps if room(d) in ("train", "tasks", "commands")], mod
-    assert not [d for d in graph["msnet.train.distributed"] if d.startswith("msnet.train")]
+            assert not [d for d in deps if room(d) in ("training", "tasks", "commands")], mod
+    assert not [d for d in graph["msnet.training.distributed"] if d.startswith("msnet.training")]
     for task in ("msnet.tasks.evaluate", "msnet.tasks.transfer"):
-        assert reaches(task, "msnet.train.api") == [] and reaches(task, "msnet.train") == ["msnet.train.loop"], task
+        assert reaches(task, "msnet.training.api") == [] and reaches(task, "msnet.training") == ["msnet.training.loop"], task
 
 
 def test_every_function_reads_on_one_screen():

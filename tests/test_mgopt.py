@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import FirstOrder, build_optimizer, build_update, train
+from msnet.training import FirstOrder, build_optimizer, build_update, train
 from msnet.config import MGOptConfig
-from msnet.train.mgopt import MGOpt, coarse_depths
-from msnet.train.regularizers import build_regularizer
+from msnet.training.mgopt import MGOpt, coarse_depths
+from msnet.training.regularizers import build_regularizer
 
 from .conftest import needs_fashion
 
@@ -117,7 +117,7 @@ def _coherence_gap(prolongation: str, n_fine: int, trim: int) -> float:
 def test_coarse_model_is_consistent_in_h(prolongation, trim):
     """P^T carries the h-scaling: the coherence term v = grad f_H(R x) - P^T grad f_h(x) is O(h) relative
     to P^T grad f_h (slope ~1 in h); for ``linear`` away from the two end slots, where its hat functions
-    are cut (documented in msnet.train.mgopt)."""
+    are cut (documented in msnet.training.mgopt)."""
     ns = [8, 16, 32, 64]
     gaps = [_coherence_gap(prolongation, n, trim) for n in ns]
     slope = np.polyfit(np.log([1.0 / n for n in ns]), np.log(gaps), 1)[0]

@@ -15,8 +15,8 @@ from msnet.core.multistep import lmm_order
 from msnet.core.network import ODEBlock
 from msnet.core.residual import ConvAct
 from msnet.runs import load_checkpoint
-from msnet.train import train
-from msnet.train.setup import check_config
+from msnet.training import train
+from msnet.training.setup import check_config
 
 from .conftest import loglog_slope
 from .test_integrators import conv_matrix

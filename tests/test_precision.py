@@ -17,9 +17,9 @@ from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.core.device import ieee_fp32_convolutions
 from msnet.core.network import ODEBlock, set_reversible_tf32
 from msnet.core.reversible import PrecisionState
-from msnet.train import FirstOrder, train
-from msnet.train import speed
-from msnet.train.distributed import DistEnv
+from msnet.training import FirstOrder, train
+from msnet.training import speed
+from msnet.training.distributed import DistEnv
 
 from .test_reversible import REVERSIBLE, random_block, residual_for
 

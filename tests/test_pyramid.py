@@ -13,10 +13,10 @@ from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.multigrid import TRANSFERS, get_transfer, restrict_images, transfer_resolution
 from msnet.multigrid.space import prolong_stencil, restrict_stencil
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import train
-from msnet.train.regularizers import build_regularizer, classifier_smoothness, time_smoothness
+from msnet.training import train
+from msnet.training.regularizers import build_regularizer, classifier_smoothness, time_smoothness
 from msnet.multigrid import parse_level
-from msnet.train.schedule import build_schedule
+from msnet.training.schedule import build_schedule
 
 TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
 OPS = TRANSFERS.names()

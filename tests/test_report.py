@@ -8,7 +8,7 @@ import pytest
 
 from msnet import MsnetError
 from msnet.runs.report import report
-from msnet.train import train
+from msnet.training import train
 
 
 def test_report_over_runs(tiny_cfg, tmp_path):

@@ -16,8 +16,8 @@ from msnet import MsnetError
 from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth, build_model
 from msnet.core.network import ODEBlock, PadConnective
 from msnet.core.reversible import HamiltonianResidual, odeint_scheme, residual_evaluator, stable_fields
-from msnet.train import train
-from msnet.train.setup import check_config
+from msnet.training import train
+from msnet.training.setup import check_config
 
 from .conftest import loglog_slope
 from .test_integrators import conv_matrix

@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.config import RMTRConfig
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import build_update, train
-from msnet.train.hierarchy import couple_coarse
-from msnet.train.regularizers import build_regularizer
-from msnet.train.rmtr import LSR1, RMTR, flat, model_decrease, next_radius, steihaug
+from msnet.training import build_update, train
+from msnet.training.hierarchy import couple_coarse
+from msnet.training.regularizers import build_regularizer
+from msnet.training.rmtr import LSR1, RMTR, flat, model_decrease, next_radius, steihaug
 
 from .conftest import needs_fashion
 from .test_mgopt import batch, linear_P, tiny_net
@@ -364,7 +364,7 @@ def test_config_composes_as_typed_and_builds_the_hierarchy(compose_cfg):
 def test_bad_settings_fail_in_preflight_with_one_line(tiny_cfg, tmp_path, monkeypatch, overrides, message):
     """Ranges, registries, the depth and what the rule refuses fail in one line before the data is loaded
     (the depth check builds no data either: it needs only model.layers)."""
-    from msnet.train import api
+    from msnet.training import api
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the config was checked")

@@ -12,11 +12,11 @@ from omegaconf import open_dict
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import read_metrics
-from msnet.train import FirstOrder, train
-from msnet.train import speed
-from msnet.train.distributed import DistEnv
-from msnet.train.setup import check_config
-from msnet.train.updates import selected_rule
+from msnet.training import FirstOrder, train
+from msnet.training import speed
+from msnet.training.distributed import DistEnv
+from msnet.training.setup import check_config
+from msnet.training.updates import selected_rule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

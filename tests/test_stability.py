@@ -17,7 +17,7 @@ from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, build_model
 from msnet.core.network import ODEBlock
 from msnet.core.residual import Spectrum, conv_norm
 from msnet.core.reversible import INIT_STEP_RATIO, antisym_stencil, scheme_note, stable_fields
-from msnet.train.setup import stability_notes
+from msnet.training.setup import stability_notes
 
 from .test_integrators import conv_matrix
 

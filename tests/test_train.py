@@ -9,9 +9,9 @@ import torch
 
 from msnet import MsnetError
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.train import train
+from msnet.training import train
 from msnet.tasks.evaluate import evaluate_checkpoint
-from msnet.train.loop import NonFiniteLoss
+from msnet.training.loop import NonFiniteLoss
 
 from .conftest import needs_fashion
 

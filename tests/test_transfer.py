@@ -14,7 +14,7 @@ from msnet.cli import rewrite
 from msnet.core import ModelSpec, build_model
 from msnet.multigrid import get_transfer
 from msnet.runs import load_checkpoint
-from msnet.train import train
+from msnet.training import train
 from msnet.tasks.evaluate import evaluate_checkpoint
 from msnet.tasks.transfer import find_latest_run, transfer_checkpoint
 

@@ -1,4 +1,4 @@
-"""``msnet train``: wires the composed config to :func:`msnet.train.train`."""
+"""``msnet train``: wires the composed config to :func:`msnet.training.train`."""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,7 +13,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     with errors_as_lines(run_dir):
-        from msnet.train import train
+        from msnet.training import train
         from msnet.tasks.launch import launch, should_launch
 
         cfg, overrides = seed_job(cfg), list(hc.overrides.task)

@@ -2,7 +2,7 @@
 
 Level names: ``fine`` = the data's native resolution, ``coarse`` = one restriction,
 ``coarser`` = two; ``downK`` beyond. A level can also be named by its pixel size.
-Training schedules (:mod:`msnet.train.schedule`), ``msnet evaluate`` and ``msnet transfer``
+Training schedules (:mod:`msnet.training.schedule`), ``msnet evaluate`` and ``msnet transfer``
 all name levels and restrict data through these functions.
 """
 

@@ -12,7 +12,7 @@ from msnet.data import prepare_data
 from msnet.multigrid import data_for_size
 from msnet.runs import RunConsole, RunDir, restore
 from msnet.runs.display import records_table
-from msnet.train.loop import evaluate
+from msnet.training.loop import evaluate
 
 
 def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:

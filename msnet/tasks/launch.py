@@ -2,8 +2,8 @@
 
 ``msnet train trainer.devices=K`` is the same as typing ``torchrun --standalone
 --nproc_per_node=K -m msnet train ...``: this module builds that command line and runs
-torchrun's agent in this process. The ranks themselves train through :func:`msnet.train.train`
-and the in-process primitives of :mod:`msnet.train.distributed`.
+torchrun's agent in this process. The ranks themselves train through :func:`msnet.training.train`
+and the in-process primitives of :mod:`msnet.training.distributed`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
 from msnet import MsnetError
-from msnet.train.distributed import DistEnv, threads_per_rank
-from msnet.train.setup import check_config
+from msnet.training.distributed import DistEnv, threads_per_rank
+from msnet.training.setup import check_config
 
 
 def should_launch(cfg: Any, environ: Optional[Mapping[str, str]] = None) -> bool:

@@ -41,7 +41,7 @@ from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transf
 from msnet.multigrid.datafit import check_fittable, fit_sample
 from msnet.runs import Restored, RunConsole, RunDir, make_payload, restore, save_checkpoint
 from msnet.runs.display import records_table
-from msnet.train.loop import evaluate
+from msnet.training.loop import evaluate
 
 
 def find_latest_run(outputs: str | Path, level: str) -> Path:

@@ -1,12 +1,12 @@
 """What the benchmarks share: msnet's own level loop read as a trace of evaluations, runs advanced in
 turns, the first evaluation at a target, and the Markdown, JSON and plot writers.
 
-Every benchmark trains through :func:`msnet.train.fit.run_levels`, the generator ``msnet train``
+Every benchmark trains through :func:`msnet.training.fit.run_levels`, the generator ``msnet train``
 drives, on a config composed as ``msnet train OVERRIDES`` composes it (:func:`msnet.config.compose_config`),
 so a change to the trainer's per-level logic reaches the benchmarks too. What they time is
 training only: each step's ``seconds`` (a chunk's batches; a level's move and stencil fit),
 never the evaluations. With ``evals_per_epoch`` k > 1 the loop splits each epoch into k chunks
-of a fresh random permutation and evaluates after each (:func:`msnet.train.fit.fit_level`).
+of a fresh random permutation and evaluates after each (:func:`msnet.training.fit.fit_level`).
 
 The scripts run as ``python scripts/NAME.py``, which puts ``scripts/`` on ``sys.path``; they
 import this file as ``_harness``.
@@ -24,10 +24,10 @@ from omegaconf import DictConfig
 
 from msnet.config import compose_config
 from msnet.data import DataBundle
-from msnet.train.fit import Step, run_levels
-from msnet.train.schedule import Schedule, build_schedule
-from msnet.train.setup import check_config, model_spec
-from msnet.train.state import RunState
+from msnet.training.fit import Step, run_levels
+from msnet.training.schedule import Schedule, build_schedule
+from msnet.training.setup import check_config, model_spec
+from msnet.training.state import RunState
 
 Point = Dict[str, Any]
 
@@ -49,7 +49,7 @@ def start(cfg: DictConfig, data: DataBundle, schedule: Optional[Schedule] = None
 
 
 def chunk_batches(n: int, evals_per_epoch: int, batch_size: int) -> List[int]:
-    """Mini-batches in each chunk of an epoch of ``n`` images split as :func:`~msnet.train.fit.fit_level`
+    """Mini-batches in each chunk of an epoch of ``n`` images split as :func:`~msnet.training.fit.fit_level`
     splits it (``torch.chunk`` of a permutation: fewer than ``evals_per_epoch`` chunks when ``n`` is small)."""
     sizes = [n] if evals_per_epoch == 1 else [len(c) for c in torch.arange(n).chunk(evals_per_epoch)]
     return [-(-s // batch_size) for s in sizes]

@@ -3,7 +3,7 @@
 
 In one process, same data, width and optimiser (Adam, constant learning rate, a fresh one per
 level), each configured and trained as ``msnet train`` would (its config groups, and its level
-loop ``msnet.train.fit.run_levels`` through ``scripts/bench/_harness.py``):
+loop ``msnet.training.fit.run_levels`` through ``scripts/bench/_harness.py``):
 
 * random: ``msnet train model.layers=FINAL``: ``--final-depth`` layers from a random start,
   ``--epochs`` epochs;
@@ -37,9 +37,9 @@ from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.fit import Step, run_levels
-from msnet.train.schedule import Schedule
-from msnet.train.state import RunState
+from msnet.training.fit import Step, run_levels
+from msnet.training.schedule import Schedule
+from msnet.training.state import RunState
 
 
 def cut_levels(state: RunState, schedule: Schedule, data: Any, cfg: Any, evals: int, chunks: int) -> Iterator[Step]:

@@ -3,8 +3,8 @@
 
 For each depth (layers of the default one-stage ODE-ResNet, 16 channels, Fashion-MNIST
 28x28 or synthetic 28x28 images resident on the device), eager and ``torch.compile``-d,
-fp32 and bf16 autocast: one epoch of ``msnet.train.loop.train_epoch`` with the
-``FirstOrder`` rule that ``msnet train`` builds (``msnet.train.speed.prepare_update``: NHWC
+fp32 and bf16 autocast: one epoch of ``msnet.training.loop.train_epoch`` with the
+``FirstOrder`` rule that ``msnet train`` builds (``msnet.training.speed.prepare_update``: NHWC
 layout on CUDA, autocast, compile), and one epoch of the loop a person would write with
 the same options (permute, slice, forward under autocast, loss, backward, Adam step).
 The two alternate (ABAB...) so that machine noise hits both; the table gives the median
@@ -41,10 +41,10 @@ from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train import speed
-from msnet.train.distributed import DistEnv
-from msnet.train.loop import train_epoch
-from msnet.train.updates import FirstOrder
+from msnet.training import speed
+from msnet.training.distributed import DistEnv
+from msnet.training.loop import train_epoch
+from msnet.training.updates import FirstOrder
 
 
 def sync(device: torch.device) -> None:

@@ -4,13 +4,13 @@
 In one process, on the same data (same batches in the same order), the same network (same
 initial weights) and the same smoother (Adam, constant learning rate), each configured and
 trained as ``msnet train`` would (its config groups, and its level loop
-``msnet.train.fit.run_levels`` through ``scripts/bench/_harness.py``):
+``msnet.training.fit.run_levels`` through ``scripts/bench/_harness.py``):
 
 * single: ``msnet train`` (one Adam step per mini-batch, msnet's FirstOrder rule), ``--epochs`` epochs;
-* mgopt: ``msnet train trainer=mgopt`` (one MG/OPT cycle per mini-batch, msnet.train.mgopt.MGOpt,
+* mgopt: ``msnet train trainer=mgopt`` (one MG/OPT cycle per mini-batch, msnet.training.mgopt.MGOpt,
   settings from the flags), stopped once it has spent ``--budget-factor`` times the single run's work.
 
-Work is counted in fine-gradient equivalents (FGE; msnet.train.mgopt's docstring): the single
+Work is counted in fine-gradient equivalents (FGE; msnet.training.mgopt's docstring): the single
 run spends 1 FGE per batch, an MG/OPT cycle what its levels' gradients and forward passes cost.
 Validation accuracy is measured before training and about every ``--eval-every`` batches
 (cycles): the loop splits each epoch into round(batches per epoch / eval-every) chunks, and the
@@ -42,7 +42,7 @@ from msnet.core import resolve_device, resolve_dtype
 from msnet.data import num_batches, prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.mgopt import coarse_depths
+from msnet.training.mgopt import coarse_depths
 
 DEFAULT = {"layers": 32, "channels": 8, "train_subset": 10000, "val_size": 2000, "epochs": 6, "eval_every": 10}
 QUICK = {"layers": 16, "channels": 4, "train_subset": 2560, "val_size": 1000, "epochs": 3, "eval_every": 5}

@@ -9,9 +9,9 @@ that stopping early is fair to all):
 
 * adam: ``optimizer=adam optimizer.scheduler=constant`` (lr 2e-3), batch 128;
 * sgd:  ``optimizer=sgd`` (lr 0.1, momentum 0.9), batch 128;
-* bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/train/bcd.py), batch 1024.
+* bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/training/bcd.py), batch 1024.
 
-Each is trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
+Each is trained by the trainer's own level loop (``msnet.training.fit.run_levels``, through
 ``scripts/bench/_harness.py``). The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so
 that noise from other work on the machine hits all alike; validation accuracy is measured before
 training and after every chunk, and evaluation time is excluded from the clocks. The target accuracy is ``--target``, by default

@@ -23,7 +23,7 @@ from msnet.config import DatasetConfig
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
-from msnet.train.loop import train_epoch
+from msnet.training.loop import train_epoch
 
 
 def hand_written_epoch(model, opt, x, y, batch_size, g):

@@ -14,7 +14,7 @@ BCD included: ``experiment=bcd_fashion``):
 * single: ``msnet train OVERRIDES`` at full resolution for as many epochs as the pyramid has
   in all levels (the same epoch budget; ``--epochs`` changes it).
 
-Both are trained by the trainer's own level loop (``msnet.train.fit.run_levels``, through
+Both are trained by the trainer's own level loop (``msnet.training.fit.run_levels``, through
 ``scripts/bench/_harness.py``), so the pyramid's levels, moves and per-level rules are the ones
 ``msnet train`` runs. Validation accuracy is measured every ``1/--evals-per-epoch`` of an epoch,
 and for the pyramid right after each prolongation; evaluation time is excluded from the clocks
@@ -51,8 +51,8 @@ from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.schedule import Level, build_schedule
-from msnet.train.setup import model_spec
+from msnet.training.schedule import Level, build_schedule
+from msnet.training.setup import model_spec
 
 
 def single_config(cfg: DictConfig, epochs: int) -> DictConfig:

@@ -29,9 +29,9 @@ from msnet.data import prepare_data
 from msnet.multigrid import get_transfer, transfer_resolution
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.train.fit import run_levels
-from msnet.train.loop import evaluate
-from msnet.train.schedule import Level, Schedule
+from msnet.training.fit import run_levels
+from msnet.training.loop import evaluate
+from msnet.training.schedule import Level, Schedule
 
 
 def parse_setting(text: str):

@@ -1,4 +1,4 @@
-"""The level loop: generators that train a :class:`~msnet.train.state.RunState` through its schedule.
+"""The level loop: generators that train a :class:`~msnet.training.state.RunState` through its schedule.
 
 :func:`run_levels` is the route every ``msnet train`` takes, and the benchmarks drive the same
 generator: it moves the network onto each remaining level (:meth:`Schedule.move`), builds the
@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from msnet.data import DataBundle
-from msnet.train import distributed, speed
-from msnet.train.distributed import DistEnv
-from msnet.train.loop import evaluate, train_epoch
-from msnet.train.regularizers import build_regularizer
-from msnet.train.schedule import Level, Schedule
-from msnet.train.state import RunState
-from msnet.train.updates import UpdateRule, build_update
+from msnet.training import distributed, speed
+from msnet.training.distributed import DistEnv
+from msnet.training.loop import evaluate, train_epoch
+from msnet.training.regularizers import build_regularizer
+from msnet.training.schedule import Level, Schedule
+from msnet.training.state import RunState
+from msnet.training.updates import UpdateRule, build_update
 
 
 @dataclass
@@ -59,7 +59,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
               on_step: Optional[Callable[[Dict[str, Any]], None]] = None, label: str = "") -> Iterator[Step]:
     """Train ``level``'s remaining epochs (after ``state.level_epoch``) with ``state.rule`` on ``data``.
 
-    Each epoch is one pass of :func:`~msnet.train.loop.train_epoch` over the training set
+    Each epoch is one pass of :func:`~msnet.training.loop.train_epoch` over the training set
     (``evals_per_epoch`` > 1: over a fresh random split of it into that many chunks, with a
     validation pass after each chunk). Appends each epoch's row to ``state.history`` and yields it.
     """

@@ -37,9 +37,9 @@ import torch.nn as nn
 
 from msnet import MsnetError
 from msnet.core.network import set_reversible_tf32
-from msnet.train import distributed
-from msnet.train.distributed import DistEnv
-from msnet.train.updates import UpdateRule
+from msnet.training import distributed
+from msnet.training.distributed import DistEnv
+from msnet.training.updates import UpdateRule
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """``trainer.precision`` (:class:`~msnet.config.Precision`) -> the autocast dtype of the forward pass (None: no autocast)."""
@@ -101,7 +101,7 @@ def prepare_update(update: UpdateRule, model: nn.Module, cfg: Any, env: DistEnv,
     Called once per level (new parameter shapes). ``model`` stays the plain network the
     trainer evaluates and checkpoints; with ``channels_last`` its 4-D weights change layout
     in place (:func:`to_channels_last`; same Parameter objects, so the optimiser still holds them). Other rules are
-    returned as they are (:func:`check` and :func:`msnet.train.distributed.check` refused
+    returned as they are (:func:`check` and :func:`msnet.training.distributed.check` refused
     the options they cannot take). ``trainer.reversible_tf32`` reaches every rule's model.
     """
     set_reversible_tf32(model, bool(cfg.trainer.get("reversible_tf32", False)))

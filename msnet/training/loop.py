@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from msnet import MsnetError
 from msnet.data import batches, num_batches
-from msnet.train.updates import FirstOrder, UpdateRule
+from msnet.training.updates import FirstOrder, UpdateRule
 
 if TYPE_CHECKING:
-    from msnet.train.distributed import Shard
+    from msnet.training.distributed import Shard
 
 
 class NonFiniteLoss(MsnetError):
@@ -53,15 +53,15 @@ def train_epoch(
 ) -> EpochResult:
     """One pass over ``(x, y)`` in shuffled mini-batches, each handed to ``update``.
 
-    ``update`` is an :class:`~msnet.train.updates.UpdateRule`, or a ``torch.optim``
-    optimiser, which is wrapped in :class:`~msnet.train.updates.FirstOrder` with
+    ``update`` is an :class:`~msnet.training.updates.UpdateRule`, or a ``torch.optim``
+    optimiser, which is wrapped in :class:`~msnet.training.updates.FirstOrder` with
     ``grad_clip`` and ``penalty`` (a regulariser added to the objective; the reported
     loss is the data loss alone). Running sums stay on the device and are read back only
     every ``log_every`` batches (and at the end), so the loop adds no host
     synchronisation per batch. Raises :class:`NonFiniteLoss` as soon as a read-back finds
     NaN or inf. ``on_step(info)`` receives each step's diagnostics, for rules that have them.
 
-    ``shard`` (data-parallel runs, :class:`msnet.train.distributed.Shard`): every rank draws the
+    ``shard`` (data-parallel runs, :class:`msnet.training.distributed.Shard`): every rank draws the
     same global batches, steps on its own slice with the loss weight that makes DDP's averaged
     gradient the global batch's, and the running sums are all-reduced at each read-back, so
     the numbers reported (and the non-finite check) are the global ones on every rank.

@@ -34,7 +34,7 @@ How a K-process run divides the work, and why it equals one process with the sam
   steps) run on K processes; the others (``bcd``, ``mgopt``) stop with one line (:func:`check`).
 
 ``msnet train trainer.devices=K`` starts ``torchrun`` itself (:func:`msnet.tasks.launch.launch`).
-This module imports nothing from the rest of ``msnet.train``.
+This module imports nothing from the rest of ``msnet.training``.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from msnet import MsnetError
 from msnet.core import ModelSpec, build_model
 from msnet.runs import load_checkpoint, make_payload
 from msnet.runs.checkpoint import load_model_state, saved_spec
-from msnet.train.schedule import Schedule, check_stencil_fit
-from msnet.train.setup import set_seed
-from msnet.train.updates import UpdateRule
+from msnet.training.schedule import Schedule, check_stencil_fit
+from msnet.training.setup import set_seed
+from msnet.training.updates import UpdateRule
 
 
 def rng_state(generator: torch.Generator) -> Dict[str, Any]:

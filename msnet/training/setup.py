@@ -16,9 +16,9 @@ from msnet.core.network import check_connective, check_p_last
 from msnet.core.reversible import check_scheme, scheme_note
 from msnet.data import DATASETS, DataBundle
 from msnet.runs import load_checkpoint
-from msnet.train import distributed, speed
-from msnet.train.distributed import DistEnv
-from msnet.train.updates import selected_rule
+from msnet.training import distributed, speed
+from msnet.training.distributed import DistEnv
+from msnet.training.updates import selected_rule
 
 
 def set_seed(seed: int) -> None:
@@ -48,7 +48,7 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     """Check every registry name and range once, before data is loaded or anything is written.
 
     ``env``: the processes the run will train on (one when None). The update rule the config
-    selects checks its own settings (:meth:`~msnet.train.updates.UpdateRule.check`) and says
+    selects checks its own settings (:meth:`~msnet.training.updates.UpdateRule.check`) and says
     whether data-parallel training and the GPU speed options apply to it.
     """
     if cfg.seed is None:

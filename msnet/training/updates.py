@@ -1,14 +1,14 @@
 """Update rules: how one mini-batch changes the weights.
 
-The epoch loop (:func:`msnet.train.loop.train_epoch`) knows nothing about optimisers:
+The epoch loop (:func:`msnet.training.loop.train_epoch`) knows nothing about optimisers:
 it hands each mini-batch to an :class:`UpdateRule` and reads back the batch loss and
-logits. A first-order optimiser from :data:`msnet.train.optim.OPTIMIZERS` becomes a
+logits. A first-order optimiser from :data:`msnet.training.optim.OPTIMIZERS` becomes a
 :class:`FirstOrder` rule; methods that need the model, not just its gradient
 (block-coordinate descent, multilevel minimisation), register their class in
 :data:`UPDATE_RULES` under the name a user selects with the key the class names
 (``selected_by``: ``optimizer.name`` or ``trainer.name``).
 
-Each rule class carries its facts, so the checks before a run (:mod:`msnet.train.setup`),
+Each rule class carries its facts, so the checks before a run (:mod:`msnet.training.setup`),
 data-parallel training and the GPU speed options ask the rule instead of re-deriving them:
 ``selected_by``, ``data_parallel`` (runs under torchrun), ``speed_options`` (autocast,
 ``torch.compile``, channels-last apply), and :meth:`UpdateRule.check` (its settings' ranges,
@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from msnet.registry import Registry
-from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
+from msnet.training.optim import build_optimizer, build_scheduler, check_optimizer
 
 Penalty = Callable[[], torch.Tensor]
 
@@ -98,7 +98,7 @@ class FirstOrder(UpdateRule):
     """A ``torch.optim`` optimiser: forward, cross-entropy (+ penalty), backward, optional clipping, step.
 
     ``model`` is what the step calls: the network itself, or a wrapper holding its parameters
-    (DDP, autocast, ``torch.compile``; :func:`msnet.train.speed.prepare_update`).
+    (DDP, autocast, ``torch.compile``; :func:`msnet.training.speed.prepare_update`).
     """
 
     data_parallel = True
@@ -107,7 +107,7 @@ class FirstOrder(UpdateRule):
     loss_weight: float = 1.0
     """Factor on the data term of the objective (not on the penalty, not on the reported loss).
     Data-parallel training sets it per batch to ``K n_r / n`` so that DDP's mean of the K ranks'
-    gradients is the gradient of the global batch's mean loss (:class:`msnet.train.distributed.Shard`)."""
+    gradients is the gradient of the global batch's mean loss (:class:`msnet.training.distributed.Shard`)."""
 
     def __init__(
         self,

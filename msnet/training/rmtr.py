@@ -7,7 +7,7 @@ ResNets read as discretised ODEs, with L-SR1 models on every level and a dynamic
 Neither text could be consulted here, so what follows is exactly what msnet does, from what is
 known of the method, with the places where it may deviate.
 
-**Hierarchy** (shared with ``trainer=mgopt``, :mod:`msnet.train.hierarchy`): level l = 1..L (L
+**Hierarchy** (shared with ``trainer=mgopt``, :mod:`msnet.training.hierarchy`): level l = 1..L (L
 finest = the network trained) has N_l = N_L / 2^(L-l) steps per stage over the same T; per stage
 R (``restriction``) moves variables fine -> coarse, P (``prolongation``) corrections coarse -> fine,
 and gradients go fine -> coarse by P^T (Galerkin; the only choice here, since the coarse model's
@@ -105,9 +105,9 @@ from msnet import MsnetError
 from msnet.config import RMTRConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.train.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
-from msnet.train.setup import stochastic_depth_p_last
-from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
+from msnet.training.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.setup import stochastic_depth_p_last
+from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
 BOUNDARY = 1e-3
 """A step is at the boundary when ||s|| >= (1 - BOUNDARY) times its radius; a level's room is used up likewise."""
@@ -274,7 +274,7 @@ def unflat(v: torch.Tensor, like: List[torch.Tensor]) -> List[torch.Tensor]:
 
 @dataclass
 class TRLevel(HierarchyLevel):
-    """One level of the RMTR hierarchy (:class:`~msnet.train.hierarchy.HierarchyLevel`) with its trust-region
+    """One level of the RMTR hierarchy (:class:`~msnet.training.hierarchy.HierarchyLevel`) with its trust-region
     ``radius`` Delta, its L-SR1 matrix ``B`` and its trial counters."""
 
     radius: float = 0.0

@@ -5,7 +5,7 @@ Gaedke-Merzhäuser, Kopaničáková, Krause, "Multilevel minimization for deep r
 on [0, T], with the nonlinear multigrid method MG/OPT (Nash 2000, "A multigrid approach to
 discretized optimization problems", Optim. Methods Softw. 14) over a hierarchy of networks
 with larger time steps. This module implements that method as an
-:class:`~msnet.train.updates.UpdateRule`; the full text of the paper could not be consulted
+:class:`~msnet.training.updates.UpdateRule`; the full text of the paper could not be consulted
 here, so what follows is exactly what msnet does, with the places where it may deviate.
 
 **Hierarchy.** Level l = 1..L (L finest = the network being trained) has N_l = N_L / 2^(L-l)
@@ -66,7 +66,7 @@ cycle is also what fits the trainer's one-batch-per-step loop); an epoch is one 
 gates, so coherence holds only in expectation (exactly with ``p_last = 1``).
 
 **Smoothers.** Level l's smoother is the optimiser ``optimizer.name`` of the registry
-(:func:`~msnet.train.optim.build_optimizer`) over level l's parameters, learning rate
+(:func:`~msnet.training.optim.build_optimizer`) over level l's parameters, learning rate
 ``optimizer.lr`` on the finest level and ``coarse_lr_factor`` times it on the coarse levels, with
 the same per-epoch schedule; weight decay and momentum act inside the smoother and are not part
 of psi_l. Each smoother is created once and keeps its state across cycles. For Adam this means
@@ -105,9 +105,9 @@ from msnet import MsnetError
 from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.train.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
-from msnet.train.optim import build_optimizer, build_scheduler, check_optimizer
-from msnet.train.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
+from msnet.training.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.optim import build_optimizer, build_scheduler, check_optimizer
+from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
 CYCLES = {"V": 1, "W": 2}
 """Cycle name (:class:`~msnet.config.Cycle`) -> gamma, the number of recursive cycles that solve each coarse problem."""
@@ -136,7 +136,7 @@ def mgopt_settings(trainer_cfg: Any) -> MGOptConfig:
 
 @dataclass
 class MGLevel(HierarchyLevel):
-    """One level of the MG/OPT hierarchy (:class:`~msnet.train.hierarchy.HierarchyLevel`) with its smoother:
+    """One level of the MG/OPT hierarchy (:class:`~msnet.training.hierarchy.HierarchyLevel`) with its smoother:
     ``optimizer`` over ``params`` and its per-epoch ``scheduler``."""
 
     optimizer: Optional[torch.optim.Optimizer] = None
@@ -144,7 +144,7 @@ class MGLevel(HierarchyLevel):
 
     def smooth(self, xb: torch.Tensor, yb: torch.Tensor, grad_clip: Optional[float]
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One smoother step on psi (on the finest level exactly :class:`~msnet.train.updates.FirstOrder`'s
+        """One smoother step on psi (on the finest level exactly :class:`~msnet.training.updates.FirstOrder`'s
         step); returns the data loss and logits before it."""
         psi, loss, logits = self.objective(xb, yb)
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """``train(cfg, run_dir)``: the route of every ``msnet train``, importable without the CLI.
 
-Preflight (:func:`msnet.train.setup.preflight`), data, schedule (:mod:`msnet.train.schedule`),
-a new or resumed :class:`~msnet.train.state.RunState`, the level loop
-(:func:`msnet.train.fit.run_levels`) with a row in ``metrics.jsonl``, a console line and a
+Preflight (:func:`msnet.training.setup.preflight`), data, schedule (:mod:`msnet.training.schedule`),
+a new or resumed :class:`~msnet.training.state.RunState`, the level loop
+(:func:`msnet.training.fit.run_levels`) with a row in ``metrics.jsonl``, a console line and a
 checkpoint per epoch, then ``summary.json`` and the closing tables.
 """
 
@@ -20,12 +20,12 @@ from msnet.core import count_parameters, resolve_device, resolve_dtype
 from msnet.data import DataBundle, prepare_data
 from msnet.runs import RunConsole, RunDir, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
-from msnet.train import distributed
-from msnet.train.fit import level_label, run_levels
-from msnet.train.loop import NonFiniteLoss
-from msnet.train.schedule import Schedule, build_schedule
-from msnet.train.setup import model_spec, preflight, stability_notes
-from msnet.train.state import RunState
+from msnet.training import distributed
+from msnet.training.fit import level_label, run_levels
+from msnet.training.loop import NonFiniteLoss
+from msnet.training.schedule import Schedule, build_schedule
+from msnet.training.setup import model_spec, preflight, stability_notes
+from msnet.training.state import RunState
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "work_fge",
                  "epoch_time_s"]
@@ -41,14 +41,14 @@ def train(
 ) -> Dict[str, Any]:
     """Train one network as ``cfg`` says and write everything into ``run_dir``.
 
-    The run goes through the levels of :func:`msnet.train.schedule.build_schedule`: one
+    The run goes through the levels of :func:`msnet.training.schedule.build_schedule`: one
     level for plain training, coarsest-to-finest for ``+pyramid=...`` (stencils and
     classifier prolonged between levels). ``overrides`` are the command-line overrides;
     with ``cfg.resume`` they say which keys replace the checkpoint's saved config.
     Returns the summary (also in ``run_dir/summary.json``). Raises :class:`MsnetError`
     for anything a person can fix.
 
-    Under torchrun every rank calls it (:mod:`msnet.train.distributed`): rank 0 writes
+    Under torchrun every rank calls it (:mod:`msnet.training.distributed`): rank 0 writes
     ``run_dir`` and prints, ranks > 0 stay silent and write only into a temporary directory.
     """
     env = distributed.detect()
