@@ -19,10 +19,10 @@ TINY = [
 ]
 
 
-def msnet(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def msnet(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("msnet")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "msnet"]
-    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"msnet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -73,6 +73,25 @@ def test_train_evaluate_resume_round_trip(tmp_path):
     msnet("train", f"resume={ck}", "trainer.epochs=2", "hydra.run.dir=run2", cwd=tmp_path)
     assert json.loads((tmp_path / "run2" / "summary.json").read_text())["epochs"] == 2
     assert (tmp_path / "run2" / "command.txt").read_text().startswith("msnet train resume=")
+
+
+@pytest.mark.slow
+def test_tables_in_full_through_a_pipe(tmp_path):
+    """stdout a pipe (as in a log or ``| tee``): no table is cut at rich's default 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    train = msnet("train", *TINY, "hydra.run.dir=runs/a", cwd=tmp_path, env=env).stdout
+    header = next(line for line in train.splitlines() if "epoch" in line and "level" in line and "┃" in line)
+    assert len(header) > 80, header  # wider than rich's default, so the test can fail
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "final_test_loss", "checkpoint"):
+        assert name in train, name
+    ckpt = tmp_path / "runs" / "a" / "checkpoints" / "last.pt"
+    assert str(ckpt) in train  # the summary's longest cell, whole
+    evaluate = msnet("evaluate", str(ckpt), "device=cpu", "hydra.run.dir=ev", cwd=tmp_path, env=env).stdout
+    report = msnet("report", "runs", cwd=tmp_path, env=env).stdout
+    assert "final_test_acc" in report or "final test" in report, report
+    for out in (train, evaluate, report):
+        assert "…" not in out, out
+    assert (tmp_path / "runs" / "a" / "console.txt").read_text().count("epoch_time_s") == 1
 
 
 @pytest.mark.slow
