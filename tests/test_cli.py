@@ -104,6 +104,13 @@ def test_tables_in_full_through_a_pipe(tmp_path):
         (["evaluate", "ckpt=missing.pt"], "error: checkpoint missing.pt does not exist"),
         (["report", "nowhere"], "error: nowhere is not a folder"),
         (["frobnicate"], "error: unknown command 'frobnicate'"),
+        # wrong types, refused by Hydra while composing (msnet.commands.composition_errors_as_lines)
+        (["train", "optimizer.lr=abc"], "error: optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr="),
+        (["train", "seed=null"], "error: seed=null: seed takes an integer, e.g. seed=0"),
+        (["train", "-m", "model.layers=2", "model.backprop=foo,store"], "error: model.backprop=foo: model.backprop takes one of"),
+        (["train", "--cfg", "job", "model.layres=3"], "error: model.layres=3: model has no key 'layres'; did you mean layers?"),
+        (["evaluate", "x.pt", "batch_size=big"], "error: batch_size=big: batch_size takes an integer"),
+        (["transfer", "--from", "coarse", "--to", "fine", "sigma=wide"], "error: sigma=wide: sigma takes a number"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, match):
