@@ -147,7 +147,7 @@ def test_the_docs_show_commands():
     assert len(COMMANDS) > 40 and any(c.startswith("msnet transfer") for _, c in COMMANDS)
 
 
-@pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema")  # as msnet.commands does
+@pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema")  # as msnet.commands does
 @pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
 def test_every_documented_command_composes(page, command):
     """``msnet ... --cfg job`` for each command line of the docs, through the dispatcher's own argv rewrite."""
