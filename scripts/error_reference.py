@@ -101,8 +101,8 @@ def reference() -> str:
             if (module, text) in seen:
                 continue
             seen.add((module, text))
-            cell = text.replace("|", "\\|").replace("`", "'")
-            lines.append(f"| {cell} | `{module}` |")
+            cell = text.replace("|", "\\|").replace("`", "'")  # a code span: <name> is not taken for HTML
+            lines.append(f"| `{cell}` | `{module}` |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
