@@ -124,8 +124,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     scratch = rank_scratch(command)
     if scratch:
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    from msnet.commands import composition_errors_as_lines
+
     try:
-        module.main()
+        with composition_errors_as_lines():
+            module.main()
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -77,20 +77,20 @@ class LineSearch(Choice):
 
 @dataclass
 class DatasetConfig:
-    name: str = "fashion_mnist"
-    root: str = "~/.cache/msnet/data"
-    download: bool = True
-    val_size: int = 5000
-    split_seed: int = 0
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
+    name: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | npz | synthetic (the dataset registry)
+    root: str = "~/.cache/msnet/data"  # where datasets are unpacked or downloaded (MSNET_DATA moves it)
+    download: bool = True  # mnist/cifar10: download through torchvision when missing
+    val_size: int = 5000  # training images held out for validation
+    split_seed: int = 0  # seed of the train/validation split (fixed across runs and seeds)
+    train_subset: Optional[int] = None  # train on the first N training images; null: all
+    test_subset: Optional[int] = None  # test on the first N test images; null: all
     path: Optional[str] = None  # npz only
     # synthetic only
-    n_train: int = 2000
-    n_test: int = 500
-    image_size: int = 16
-    channels: int = 1
-    num_classes: int = 4
+    n_train: int = 2000  # synthetic only: training images
+    n_test: int = 500  # synthetic only: test images
+    image_size: int = 16  # synthetic only: side in pixels
+    channels: int = 1  # synthetic only: image channels
+    num_classes: int = 4  # synthetic only: classes
 
 
 @dataclass
@@ -102,16 +102,16 @@ class StochasticDepthConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet"
+    name: str = "resnet"  # the preset (conf/model/NAME.yaml), recorded with the run
     channels: int = 16  # channels of the first stage
     growth: int = 2  # channel factor from one stage to the next
-    stages: int = 1
+    stages: int = 1  # stages of layers, joined by the connective
     layers: int = 4  # time steps N per stage
     T: float = 1.0  # final time per stage; h = T / layers
-    residual: str = "conv_act"
-    activation: str = "tanh"
-    integrator: str = "euler"
-    classifier: str = "full_field"
+    residual: str = "conv_act"  # the residual function F (msnet.core.residuals.RESIDUALS)
+    activation: str = "tanh"  # sigma in F (tanh, relu, ...)
+    integrator: str = "euler"  # the time stepper: euler, rk2, rk4, lm, hamiltonian, midpoint, leapfrog (INTEGRATORS)
+    classifier: str = "full_field"  # full_field (h^d W^T y + mu, the papers') | gap (global average pooling + linear)
     stochastic_depth: StochasticDepthConfig = field(default_factory=StochasticDepthConfig)
     widths: Optional[List[int]] = None  # channels per stage; null: channels * growth**i
     connective: Connective = Connective.conv  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
@@ -122,14 +122,14 @@ class ModelConfig:
 class OptimizerConfig:
     """A ``torch.optim`` optimiser (``optimizer=adam|adamw|sgd``) and its per-epoch learning-rate schedule."""
 
-    name: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    beta1: float = 0.9
-    beta2: float = 0.999
-    scheduler: Scheduler = Scheduler.constant
+    name: str = "adam"  # adam | adamw | sgd | bcd
+    lr: float = 1e-3  # learning rate (bcd: first trial step)
+    weight_decay: float = 0.0  # L2 weight decay
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    beta1: float = 0.9  # adam/adamw only
+    beta2: float = 0.999  # adam/adamw only
+    scheduler: Scheduler = Scheduler.constant  # learning rate per epoch: constant | cosine | step
     step_size: int = 10  # epochs between decays (step)
     gamma: float = 0.1  # decay factor (step)
 
@@ -155,13 +155,13 @@ class BCDConfig(OptimizerConfig):
 class TrainerConfig:
     """Single-level training (``trainer=single``), and what every trainer shares."""
 
-    name: str = "single"
-    epochs: int = 3
-    batch_size: int = 128
-    eval_batch_size: int = 128
+    name: str = "single"  # single | mgopt | rmtr: how each mini-batch updates the weights
+    epochs: int = 3  # epochs of a single-level run (schedules set their own per level)
+    batch_size: int = 128  # training mini-batch (the global batch under DDP)
+    eval_batch_size: int = 128  # batch of validation and test passes
     log_every: int = 25  # batches between progress-bar updates
-    progress: bool = True
-    grad_clip: Optional[float] = None
+    progress: bool = True  # show the progress bar
+    grad_clip: Optional[float] = None  # clip the gradient norm to this; null: no clipping
     checkpoint_every: int = 1  # epochs
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
     # data-parallel and GPU speed (msnet/training/distributed.py, msnet/training/speed.py); first-order optimizers only
@@ -187,7 +187,7 @@ class MGOptConfig(TrainerConfig):
     prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS)
     gradient_restriction: GradientRestriction = GradientRestriction.transpose  # transpose (P^T) | scaled (N_f/N_c R)
     line_search: LineSearch = LineSearch.none  # none: add the prolonged correction | armijo: backtrack on the level's objective
-    armijo_c1: float = 1.0e-4
+    armijo_c1: float = 1.0e-4  # armijo: sufficient-decrease constant
     max_backtracks: int = 4  # armijo: then the correction is dropped
     cycle_loss: bool = True  # steps.jsonl: fine batch loss after each cycle (one forward, not counted as work)
 
@@ -204,7 +204,7 @@ class RMTRConfig(TrainerConfig):
     restriction: str = "injection"  # variables fine -> coarse (TIME_RESTRICTIONS)
     prolongation: str = "linear"  # corrections coarse -> fine (TIME_PROLONGATIONS); gradients go by its transpose
     radius: float = 0.1  # initial trust-region radius of the finest level (2-norm of the whole step)
-    radius_max: float = 10.0
+    radius_max: float = 10.0  # largest trust-region radius
     eta1: float = 0.1  # accept a step when rho = actual / predicted decrease >= eta1
     eta2: float = 0.75  # grow the radius when rho > eta2 and the step reached it
     gamma1: float = 0.5  # radius factor after a rejected step
@@ -258,14 +258,14 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
-    pyramid: Optional[PyramidConfig] = None
-    depth: Optional[DepthConfig] = None
+    pyramid: Optional[PyramidConfig] = None  # image-pyramid schedule: +pyramid=NAME (conf/pyramid/)
+    depth: Optional[DepthConfig] = None  # shallow-to-deep schedule: +depth=NAME (conf/depth/)
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
-    seed: int = 0
-    device: str = "auto"
-    dtype: Dtype = Dtype.float32
-    threads: Optional[int] = None
-    resume: Optional[str] = None
+    seed: int = 0  # seeds initialisation, batch order and stochastic depth (job K of a sweep: seed + K)
+    device: str = "auto"  # auto (CUDA when there is a GPU) | cpu | cuda
+    dtype: Dtype = Dtype.float32  # float32 | float64
+    threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    resume: Optional[str] = None  # continue the run of this checkpoint (same model, new run directory)
     init: Optional[str] = None  # warm start: weights from a checkpoint (e.g. msnet transfer's), fresh optimiser
 
 
@@ -286,12 +286,12 @@ DatasetOverride = _all_optional(DatasetConfig, "DatasetOverride")
 
 @dataclass
 class EvaluateConfig:
-    ckpt: Optional[str] = None
+    ckpt: Optional[str] = None  # the checkpoint to evaluate (msnet evaluate PATH); a run directory works too
     dataset: Any = field(default_factory=DatasetOverride)
-    splits: Any = field(default_factory=lambda: ["val", "test"])
-    device: str = "auto"
-    threads: Optional[int] = None
-    batch_size: int = 128
+    splits: Any = field(default_factory=lambda: ["val", "test"])  # splits to evaluate
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    batch_size: int = 128  # evaluation batch
 
 
 @dataclass
@@ -305,21 +305,21 @@ class TransferConfig:
     prolongation: str = "linear"  # time prolongation (TIME_PROLONGATIONS)
     restriction: str = "injection"  # time restriction (TIME_RESTRICTIONS)
     outputs: str = "outputs"  # where to look for runs when ckpt is not given
-    operator: str = "linear"
+    operator: str = "linear"  # image/stencil transfer pair (msnet.multigrid.TRANSFERS): linear | constant
     sigma: float = 1.0  # smoothing before each image restriction (as in pyramid training)
     stencils: Stencils = Stencils.galerkin  # the checkpoint written: galerkin | fit (Galerkin refitted on training images)
     fit_images: int = 256  # training images of the data-fitted transfer (its row is always measured)
-    fit_ridge: float = 1.0e-3
-    splits: Any = field(default_factory=lambda: ["val", "test"])
-    device: str = "auto"
-    threads: Optional[int] = None
-    batch_size: int = 128
+    fit_ridge: float = 1.0e-3  # pull towards the Galerkin stencils, relative to the data term
+    splits: Any = field(default_factory=lambda: ["val", "test"])  # splits evaluated before and after
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    batch_size: int = 128  # evaluation batch
 
 
 @dataclass
 class ReportConfig:
-    dir: Optional[str] = None
-    sort: Optional[str] = None
+    dir: Optional[str] = None  # the folder to report on (msnet report DIR): a run, a sweep, outputs/
+    sort: Optional[str] = None  # a column to sort by (default: run directory)
     group_by: Optional[List[str]] = None  # --group-by model.layers,optimizer: mean ± std over the other keys (seeds)
 
 

@@ -19,10 +19,10 @@ TINY = [
 ]
 
 
-def msnet(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def msnet(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("msnet")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "msnet"]
-    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"msnet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -76,6 +76,25 @@ def test_train_evaluate_resume_round_trip(tmp_path):
 
 
 @pytest.mark.slow
+def test_tables_in_full_through_a_pipe(tmp_path):
+    """stdout a pipe (as in a log or ``| tee``): no table is cut at rich's default 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    train = msnet("train", *TINY, "hydra.run.dir=runs/a", cwd=tmp_path, env=env).stdout
+    header = next(line for line in train.splitlines() if "epoch" in line and "level" in line and "┃" in line)
+    assert len(header) > 80, header  # wider than rich's default, so the test can fail
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s", "final_test_loss", "checkpoint"):
+        assert name in train, name
+    ckpt = tmp_path / "runs" / "a" / "checkpoints" / "last.pt"
+    assert str(ckpt) in train  # the summary's longest cell, whole
+    evaluate = msnet("evaluate", str(ckpt), "device=cpu", "hydra.run.dir=ev", cwd=tmp_path, env=env).stdout
+    report = msnet("report", "runs", cwd=tmp_path, env=env).stdout
+    assert "final_test_acc" in report or "final test" in report, report
+    for out in (train, evaluate, report):
+        assert "…" not in out, out
+    assert (tmp_path / "runs" / "a" / "console.txt").read_text().count("epoch_time_s") == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,match",
     [
@@ -85,6 +104,13 @@ def test_train_evaluate_resume_round_trip(tmp_path):
         (["evaluate", "ckpt=missing.pt"], "error: checkpoint missing.pt does not exist"),
         (["report", "nowhere"], "error: nowhere is not a folder"),
         (["frobnicate"], "error: unknown command 'frobnicate'"),
+        # wrong types, refused by Hydra while composing (msnet.commands.composition_errors_as_lines)
+        (["train", "optimizer.lr=abc"], "error: optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr="),
+        (["train", "seed=null"], "error: seed=null: seed takes an integer, e.g. seed=0"),
+        (["train", "-m", "model.layers=2", "model.backprop=foo,store"], "error: model.backprop=foo: model.backprop takes one of"),
+        (["train", "--cfg", "job", "model.layres=3"], "error: model.layres=3: model has no key 'layres'; did you mean layers?"),
+        (["evaluate", "x.pt", "batch_size=big"], "error: batch_size=big: batch_size takes an integer"),
+        (["transfer", "--from", "coarse", "--to", "fine", "sigma=wide"], "error: sigma=wide: sigma takes a number"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, match):

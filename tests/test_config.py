@@ -54,6 +54,44 @@ def test_bad_overrides_fail_at_composition(compose_cfg, override, error):
 
 
 @pytest.mark.parametrize(
+    "name,override,line",
+    [
+        ("train", "optimizer.lr=abc", "optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr="),
+        ("train", "seed=null", "seed=null: seed takes an integer, e.g. seed="),
+        ("train", "trainer.epochs=1.5", "trainer.epochs=1.5: trainer.epochs takes an integer, e.g. trainer.epochs="),
+        ("train", "model.backprop=foo", "model.backprop=foo: model.backprop takes one of store, reversible, e.g. "),
+        ("train", "trainer.progress=maybe", "trainer.progress=maybe: trainer.progress takes true or false, e.g. "),
+        ("train", "dataset.train_subset=x", "dataset.train_subset=x: dataset.train_subset takes an integer or null"),
+        ("train", "model.layres=3", "model.layres=3: model has no key 'layres'; did you mean layers?"),
+        ("evaluate", "batch_size=big", "batch_size=big: batch_size takes an integer, e.g. batch_size="),
+        ("transfer", "sigma=wide", "sigma=wide: sigma takes a number, e.g. sigma="),
+    ],
+)
+def test_wrong_types_are_one_line_naming_key_value_and_type(compose_cfg, name, override, line):
+    """What ``msnet`` prints for an override the schema refuses (msnet.commands.type_error_line)."""
+    from msnet.commands import type_error_line
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(name, [override])
+    got = type_error_line(err.value)
+    assert got is not None and got.startswith(line), got
+    assert "\n" not in got
+    key = override.split("=")[0]
+    example = got.partition(", e.g. ")[2]
+    if example:  # the example is a value the key takes: it composes
+        assert example.startswith(key + "=")
+        compose_cfg(name, [example])
+
+
+def test_other_composition_errors_keep_hydras_report(compose_cfg):
+    from msnet.commands import type_error_line
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("train", ["dataset=imagenet"])
+    assert type_error_line(err.value) is None
+
+
+@pytest.mark.parametrize(
     "override,match",
     [
         ("model.integrator=nope", "unknown integrator 'nope'; choose one of"),

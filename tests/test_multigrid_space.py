@@ -75,7 +75,7 @@ def test_paper_example_1():
     assert (s_H - s_H_paper).abs().max() <= 0.0101  # the printed s_h is itself rounded to 2 decimals
 
 
-# The README's numbers (Learning across scales: "condition number 26.9 for linear, 10.2 for constant").
+# The numbers of docs/methods/resolution.md ("condition number 26.9 for linear, 10.2 for constant").
 STATED_CONDITION = {"linear": 26.9, "constant": 10.2}
 
 
@@ -102,7 +102,7 @@ def test_float32_weights_keep_their_dtype():
 
 @pytest.mark.parametrize("name, fine_identity_checkerboard_gain", [("linear", 9.0), ("constant", 1.0)])
 def test_prolonged_identity_stencil(name, fine_identity_checkerboard_gain):
-    """What the README's transfer analysis rests on: with full weighting (R P a blur) the stencil
+    """What the transfer analysis of docs/results.md rests on: with full weighting (R P a blur) the stencil
     prolongation of the coarse identity is a sharpening stencil, gain 1 on constants and 9 on the
     finest (checkerboard) mode, and its restriction a blur; with blocks (R P = I) it stays the identity."""
     identity = torch.zeros(1, 1, 3, 3, dtype=torch.float64)

@@ -77,7 +77,7 @@ def test_channels_last_feeds_nhwc_and_matches_fp32(tiny_cfg):
     cl_out, cl_grads = _grads_after_step(_rule(cl_net, _cfg(tiny_cfg, "trainer.channels_last=true")), cl_net, x, y)
     assert layouts == [(True, True)] and not x.is_contiguous(memory_format=torch.channels_last)
     assert cl_net.classifier.V.is_contiguous(memory_format=torch.channels_last)  # 4-D weights moved in place
-    # the README's "equal to NCHW within 1e-5": every entry within 1e-5 of its tensor's largest (measured: 1e-6)
+    # docs/gpu.md's "equal to NCHW within 1e-5": every entry within 1e-5 of its tensor's largest (measured: 1e-6)
     assert (cl_out.logits - ref_out.logits).abs().max() <= 1e-5 * ref_out.logits.abs().max()
     for k, g in ref_grads.items():
         assert (cl_grads[k] - g).abs().max() <= 1e-5 * g.abs().max(), k

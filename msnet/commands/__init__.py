@@ -7,6 +7,7 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -60,6 +61,98 @@ def errors_as_lines(run_dir: Optional[str | Path] = None) -> Iterator[None]:
         trace = traceback.format_exc()
         print(trace, file=sys.stderr, flush=True)
         _write_error(run_dir, trace.rstrip())
+
+
+@contextmanager
+def composition_errors_as_lines() -> Iterator[None]:
+    """While a subcommand's Hydra main runs: a value of the wrong type ends in one line, exit code 2.
+
+    Hydra composes the config before the main is called, and reports an override that the typed
+    schema refuses (``optimizer.lr=abc``, ``seed=null``, ``model.backprop=foo``) itself, in several
+    lines and with exit code 1. It does so in ``hydra._internal.utils.run_and_report``, the one
+    place every composition (a run, each job of a ``-m`` sweep, ``--cfg``) goes through and which
+    has no public hook; for the duration of the main this wraps the function it is handed, so that a
+    :class:`~hydra.errors.ConfigCompositionException` caused by an OmegaConf ``ValidationError`` is
+    printed as :func:`type_error_line`. Every other error keeps Hydra's report, and with
+    ``HYDRA_FULL_ERROR=1`` Hydra's full traceback is kept too.
+    """
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func: Any) -> Any:
+        def composed() -> Any:
+            try:
+                return func()
+            except ConfigCompositionException as ex:
+                line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else type_error_line(ex)
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+
+        return original(composed)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def type_error_line(ex: BaseException) -> Optional[str]:
+    """One line for a composition error caused by an override the schema refuses (None for any other).
+
+    A value of the wrong type names the key, the value typed and what the key takes, with the value
+    it had as an example (``optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr=0.002``);
+    a key the schema lacks names the closest keys it has (``model.layres=3: model has no key
+    'layres'; did you mean layers?``).
+    """
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = ex.__cause__
+    text = str(ex)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key and cause.parent_node is not None:
+        typed = text.partition("To append to your config use +")[2].strip() or cause.full_key
+        return f"{typed}: {_missing_key(cause.full_key, list(cause.parent_node.keys()))}"
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    typed = text.partition("Error merging override ")[2].strip() or f"{cause.full_key}={cause.value}"
+    node = cause.child_node
+    if node is None:
+        return f"{typed}: {str(cause.msg).splitlines()[0]}"
+    meta = node._metadata
+    takes = _type_name(meta.ref_type) + (" or null" if meta.optional else "")
+    return f"{typed}: {cause.full_key} takes {takes}, e.g. {cause.full_key}={_shown(node._value())}"
+
+
+def _missing_key(full_key: str, keys: List[str]) -> str:
+    """``model has no key 'layres'; did you mean layers?`` (or the keys it has, when none is close)."""
+    import difflib
+
+    parent, _, key = full_key.rpartition(".")
+    where = parent or "the config"
+    close = difflib.get_close_matches(key, [str(k) for k in keys], n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"its keys: {', '.join(str(k) for k in keys)}"
+    return f"{where} has no key {key!r}; {hint}"
+
+
+def _shown(value: Any) -> str:
+    """A value as one would type it in an override."""
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
+
+
+def _type_name(ref_type: Any) -> str:
+    """How a line names an OmegaConf node's type: ``a float``, ``one of store, reversible``, ..."""
+    if isinstance(ref_type, type) and issubclass(ref_type, Enum):
+        return "one of " + ", ".join(m.name for m in ref_type)
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(ref_type, getattr(ref_type, "__name__", str(ref_type)))
 
 
 def _write_error(run_dir: Optional[str | Path], message: str) -> None:

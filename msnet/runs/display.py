@@ -1,25 +1,45 @@
 """What a run shows a person: a rich progress bar while it trains, tables when it ends.
 
 Everything printed goes through one recording :class:`rich.console.Console`, and
-:meth:`RunConsole.save` writes it to the run directory as ``console.txt``.
+:meth:`RunConsole.save` writes it to the run directory as ``console.txt``. On a terminal the
+tables fit its width; written to a file or a pipe (a log, ``| tee``) they are printed in full,
+not cut at rich's default of 80 columns.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+NOT_A_TERMINAL_WIDTH = 400
+"""Columns of a console whose output is a file or a pipe: wider than any msnet table, so none is cut
+(cells fold rather than end in an ellipsis even beyond it, see :func:`records_table`)."""
+
+
+def console_width(file: Optional[TextIO] = None) -> Optional[int]:
+    """The width (characters) for a console writing to ``file`` (stdout by default).
+
+    ``None`` (rich's own choice, the terminal's width) on a terminal or when ``COLUMNS`` is set;
+    :data:`NOT_A_TERMINAL_WIDTH` otherwise, where rich would assume 80 and cut the tables.
+    """
+    file = sys.stdout if file is None else file
+    if os.environ.get("COLUMNS"):
+        return None
+    isatty = getattr(file, "isatty", None)
+    return None if isatty is not None and isatty() else NOT_A_TERMINAL_WIDTH
 
 
 class RunConsole:
     """A recording console (stdout) plus a progress-bar factory."""
 
     def __init__(self, quiet: bool = False):
-        self.console = Console(record=True, quiet=quiet, highlight=False, soft_wrap=False)
+        self.console = Console(record=True, quiet=quiet, highlight=False, soft_wrap=False, width=console_width())
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
@@ -64,10 +84,14 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequence[str]) -> Table:
-    """A table with one row per record and the given columns (missing values left blank)."""
+    """A table with one row per record and the given columns (missing values left blank).
+
+    Cells fold onto a second line rather than end in an ellipsis when the console is too narrow.
+    """
     table = Table(title=title, show_lines=False)
     for c in columns:
-        table.add_column(c, justify="left" if c in ("run", "level", "split", "method", "resolution", "status") else "right")
+        justify = "left" if c in ("run", "level", "split", "method", "resolution", "status") else "right"
+        table.add_column(c, justify=justify, overflow="fold")
     for r in records:
         table.add_row(*(fmt(r.get(c)) for c in columns))
     return table
@@ -76,8 +100,8 @@ def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequen
 def key_value_table(title: str, items: Dict[str, Any]) -> Table:
     """A two-column table of a summary."""
     table = Table(title=title, show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value")
+    table.add_column("key", style="bold", overflow="fold")
+    table.add_column("value", overflow="fold")
     for k, v in items.items():
         table.add_row(k, fmt(v))
     return table

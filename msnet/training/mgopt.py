@@ -88,7 +88,7 @@ level; plain training costs 1 FGE per batch.
 cycle's batch (a variant would draw nu1 + nu2 + 1 batches per cycle and keep only the coarse
 correction on one), Adam rather than plain SGD as the default smoother, the transfer operators'
 end-of-interval treatment, and the FGE cost model. What msnet measures with it
-(``scripts/bench/bench_mgopt.py``, ``scripts/reproduce/gaedke2020.sh``) is in the README.
+(``scripts/bench/bench_mgopt.py``, ``scripts/reproduce/gaedke2020.sh``) is in docs/results.md ("MG/OPT: does it pay?").
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ evaluate the prolonged network on the raw fine validation images and on P R x (t
 with their detail below the coarse grid removed), and the network whose stencils are then
 refitted on ``--fit-images`` training images (``pyramid.stencils=fit``, msnet.multigrid.datafit)
 on the raw fine images. This is the drop the pyramid's fine level has
-to recover (README, Benchmarks: bench_pyramid.py).
+to recover (docs/results.md, "Benchmark: the pyramid against single-level training").
 
     .venv/bin/python scripts/bench/prolongation_drop.py linear:1 constant:1 constant:0 linear:0
 """
