@@ -107,10 +107,15 @@ def type_error_line(ex: BaseException) -> Optional[str]:
     A value of the wrong type names the key, the value typed and what the key takes, with the value
     it had as an example (``optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr=0.002``);
     a key the schema lacks names the closest keys it has (``model.layres=3: model has no key
-    'layres'; did you mean layers?``).
+    'layres'; did you mean layers?``); a group option that does not exist names the group's options
+    (``dataset=imagenet: the group dataset has no option 'imagenet'; choose one of cifar10, ...``).
     """
+    from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+    if isinstance(ex, MissingConfigException) and ex.options and ex.missing_cfg_file and "/" in ex.missing_cfg_file:
+        group, _, option = ex.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: the group {group} has no option {option!r}; choose one of {', '.join(sorted(ex.options))}"
     cause = ex.__cause__
     text = str(ex)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key and cause.parent_node is not None:
