@@ -197,6 +197,8 @@ def test_error_reference_is_generated_from_the_code():
 OTHER_ERRORS = [
     ("<override>: <key> takes <type>, e.g. <example>", "msnet/commands/__init__.py", ["takes ", ", e.g. "]),
     ("<override>: <parent> has no key <key>; did you mean <keys>?", "msnet/commands/__init__.py", ["has no key ", "did you mean "]),
+    ("<override>: the group <group> has no option <option>; choose one of <options>", "msnet/commands/__init__.py",
+     ["has no option ", "; choose one of "]),
     ("unknown command <command>; choose one of: <commands> (msnet --help)", "msnet/cli.py", ["unknown command ", "(msnet --help)"]),
 ]
 
