@@ -88,7 +88,16 @@ def test_other_composition_errors_keep_hydras_report(compose_cfg):
 
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg("train", ["dataset=imagenet"])
-    assert type_error_line(err.value) is None
+    assert type_error_line(err.value) == ("dataset=imagenet: the group dataset has no option 'imagenet'; "
+                                          "choose one of cifar10, fashion_mnist, mnist, npz, synthetic")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("train", ["pyramid=2level"])
+    assert type_error_line(err.value) == ("pyramid=2level: pyramid is not in the defaults list; "
+                                          "add it with a plus: +pyramid=2level")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg("train", ["optimizer=sgdd"])
+    assert "bcd_schema" not in type_error_line(err.value) and "choose one of adam, adamw, bcd, sgd" in type_error_line(err.value)
+    assert type_error_line(ConfigCompositionException("something else went wrong")) is None
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,8 @@ OTHER_ERRORS = [
     ("<override>: <parent> has no key <key>; did you mean <keys>?", "msnet/commands/__init__.py", ["has no key ", "did you mean "]),
     ("<override>: the group <group> has no option <option>; choose one of <options>", "msnet/commands/__init__.py",
      ["has no option ", "; choose one of "]),
+    ("<override>: <group> is not in the defaults list; add it with a plus: <plus>", "msnet/commands/__init__.py",
+     ["is not in the defaults list; add it with a plus: +"]),
     ("unknown command <command>; choose one of: <commands> (msnet --help)", "msnet/cli.py", ["unknown command ", "(msnet --help)"]),
 ]
 

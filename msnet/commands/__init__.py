@@ -108,14 +108,20 @@ def type_error_line(ex: BaseException) -> Optional[str]:
     it had as an example (``optimizer.lr=abc: optimizer.lr takes a number, e.g. optimizer.lr=0.002``);
     a key the schema lacks names the closest keys it has (``model.layres=3: model has no key
     'layres'; did you mean layers?``); a group option that does not exist names the group's options
-    (``dataset=imagenet: the group dataset has no option 'imagenet'; choose one of cifar10, ...``).
+    (``dataset=imagenet: the group dataset has no option 'imagenet'; choose one of cifar10, ...``);
+    an optional group typed without its plus says to add it (``pyramid=2level: ... +pyramid=2level``).
     """
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     if isinstance(ex, MissingConfigException) and ex.options and ex.missing_cfg_file and "/" in ex.missing_cfg_file:
         group, _, option = ex.missing_cfg_file.rpartition("/")
-        return f"{group}={option}: the group {group} has no option {option!r}; choose one of {', '.join(sorted(ex.options))}"
+        options = sorted(o for o in ex.options if not o.endswith("_schema"))  # schemas stored in the group are not options
+        return f"{group}={option}: the group {group} has no option {option!r}; choose one of {', '.join(options)}"
+    appended = str(ex).partition("To append to your default list use +")[2].strip()
+    if str(ex).startswith("Could not override") and appended:
+        group = appended.partition("=")[0]
+        return f"{appended}: {group} is not in the defaults list; add it with a plus: +{appended}"
     cause = ex.__cause__
     text = str(ex)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key and cause.parent_node is not None:
