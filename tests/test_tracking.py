@@ -180,6 +180,30 @@ def test_a_missing_backend_is_one_line_naming_the_extra(tiny_cfg, tmp_path, monk
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_an_unreachable_mlflow_server_is_one_line_in_seconds(tiny_cfg, tmp_path):
+    import time
+
+    cfg = tiny_cfg(["logger=mlflow", "logger.tracking_uri=http://127.0.0.1:9"])  # port 9: nothing listens
+    t0 = time.perf_counter()
+    with pytest.raises(MsnetError, match="logger=mlflow could not open the tracking store http://127.0.0.1:9") as err:
+        train(cfg, tmp_path / "run")
+    assert "check logger.tracking_uri" in str(err.value) and "\n" not in str(err.value)
+    assert time.perf_counter() - t0 < 60  # MLflow alone retries for about four minutes
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_tensorboard_log_dir_gives_each_sweep_job_a_subfolder(tiny_cfg, tmp_path):
+    from msnet.runs.tracking import open_tracker
+
+    cfg = tiny_cfg(["logger=tensorboard", f"logger.log_dir={tmp_path / 'tb'}"])
+    trackers = [open_tracker(cfg, tmp_path / "sweep" / str(job), group=str(tmp_path / "sweep")) for job in (0, 1)]
+    assert [t.log_dir for t in trackers] == [tmp_path / "tb" / "0", tmp_path / "tb" / "1"]
+    single = open_tracker(cfg, tmp_path / "single")
+    assert single.log_dir == tmp_path / "tb"
+    for t in trackers + [single]:
+        t.close()
+
+
 def test_only_rank_0_opens_a_tracker(tiny_cfg, tmp_path):
     from msnet.training.api import _open_run
     from msnet.training.distributed import DistEnv

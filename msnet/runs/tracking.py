@@ -21,11 +21,13 @@ records the MLflow run id / TensorBoard folder and the step counter, and a resum
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Protocol
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -361,6 +363,23 @@ def job_identity(run_path: Path) -> Dict[str, Optional[str]]:
     return {"name": hc.job.override_dirname or run_path.name, "group": group}
 
 
+@contextmanager
+def _quick_failure() -> Iterator[None]:
+    """MLflow's HTTP client retries an unreachable server for minutes (7 retries, backoff up to 2 min); opening
+    the run retries once, so that a wrong ``logger.tracking_uri`` fails in seconds. Later requests retry as usual."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _saved_state(previous: Optional[Path], logger: str) -> Optional[Dict[str, Any]]:
     if previous is None or not (previous / TRACKING_FILE).is_file():
         return None
@@ -380,9 +399,12 @@ def open_tracker(cfg: DictConfig, run_path: Path, *, name: Optional[str] = None,
     lg = logger_config(cfg)
     if lg.name == "none":
         return NullTracker()
+    run_path.mkdir(parents=True, exist_ok=True)
     saved = _saved_state(previous, str(lg.name))
     if lg.name == "tensorboard":
-        log_dir = Path(lg.log_dir).expanduser().resolve() if lg.get("log_dir") else run_path.resolve() / "tensorboard"
+        log_dir = run_path.resolve() / "tensorboard"
+        if lg.get("log_dir"):  # a sweep's jobs each get a subfolder (their job number) under it
+            log_dir = Path(lg.log_dir).expanduser().resolve() / (run_path.name if group else "")
         tracker: Tracker = TensorBoardTracker(log_dir, lg.get("flush_secs", 10), saved)
     else:
         outputs = (outputs or Path("outputs"))
@@ -390,8 +412,15 @@ def open_tracker(cfg: DictConfig, run_path: Path, *, name: Optional[str] = None,
         tags = {"msnet.run_dir": str(run_path.resolve()), **({"msnet.sweep": group} if group else {})}
         if lg.get("tracking_uri") is None:
             outputs.mkdir(parents=True, exist_ok=True)
-        tracker = MLflowTracker(uri, str(lg.experiment), lg.get("run_name") or name or run_path.name, tags,
-                                None if lg.get("tracking_uri") else outputs / "mlartifacts", saved)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating the store
+        try:
+            with _quick_failure():
+                tracker = MLflowTracker(uri, str(lg.experiment), lg.get("run_name") or name or run_path.name, tags,
+                                        None if lg.get("tracking_uri") else outputs / "mlartifacts", saved)
+        except Exception as err:  # an unreachable server, a store that cannot be opened
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise MsnetError(f"logger=mlflow could not open the tracking store {uri} ({first}); "
+                             "check logger.tracking_uri, or drop it for the local store in outputs/") from None
     save_state(tracker, run_path)
     return tracker
 

@@ -77,7 +77,6 @@ def _open_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Dict[str, Any]], en
     """The run directory, with the tracker ``cfg.logger`` names on rank 0 (continuing the resumed run's)."""
     if not env.is_main:
         return RunDir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     previous = Path(ckpt["path"]).parent.parent if ckpt is not None and ckpt.get("path") else None
     return RunDir(run_dir, tracker=open_tracker(cfg, run_dir, previous=previous, **job_identity(run_dir)))
 
