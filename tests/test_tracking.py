@@ -142,7 +142,9 @@ def test_mlflow_resume_continues_the_same_run(tiny_cfg, tmp_path, fail_epoch):
 
 @pytest.mark.slow
 def test_a_two_job_sweep_gives_two_runs_in_one_experiment(tmp_path):
-    msnet("train", "-m", "logger=mlflow", "model.layers=1,2", "threads=1", *TINY, cwd=tmp_path)
+    # joblib: the two jobs open the new default store at the same time (without the store lock one failed with
+    # "duplicate column name", both creating its tables)
+    msnet("train", "-m", "hydra/launcher=joblib", "logger=mlflow", "model.layers=1,2", "threads=1", *TINY, cwd=tmp_path)
     client = mlflow_client(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")  # the default store
     runs = client.search_runs([client.get_experiment_by_name("msnet").experiment_id])
     assert sorted(r.data.params["model.layers"] for r in runs) == ["1", "2"]

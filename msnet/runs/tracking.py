@@ -380,6 +380,25 @@ def _quick_failure() -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold ``<db>.lock`` while a SQLite store is opened: the parallel jobs of a joblib sweep would otherwise
+    create its tables at the same time and fail ("duplicate column name"). Other stores need no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _saved_state(previous: Optional[Path], logger: str) -> Optional[Dict[str, Any]]:
     if previous is None or not (previous / TRACKING_FILE).is_file():
         return None
@@ -414,7 +433,7 @@ def open_tracker(cfg: DictConfig, run_path: Path, *, name: Optional[str] = None,
             outputs.mkdir(parents=True, exist_ok=True)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines about creating the store
         try:
-            with _quick_failure():
+            with _quick_failure(), _store_lock(uri):
                 tracker = MLflowTracker(uri, str(lg.experiment), lg.get("run_name") or name or run_path.name, tags,
                                         None if lg.get("tracking_uri") else outputs / "mlartifacts", saved)
         except Exception as err:  # an unreachable server, a store that cannot be opened
