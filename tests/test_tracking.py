@@ -120,6 +120,7 @@ def test_mlflow_run_holds_metrics_steps_params_and_figures(tiny_cfg, tmp_path):
     assert params["optimizer.cg_iters"] == str(cfg.optimizer.cg_iters) and params["pyramid"] == "null"
     assert run.data.metrics["final/final_test_acc"] == summary["final_test_acc"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/lm_k.png"]
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())  # beside the store
 
 
 def test_mlflow_resume_continues_the_same_run(tiny_cfg, tmp_path, fail_epoch):

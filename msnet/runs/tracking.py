@@ -380,6 +380,12 @@ def _quick_failure() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _artifact_root(uri: str) -> Optional[Path]:
+    """Where a new experiment keeps its figures: ``mlartifacts/`` beside a SQLite store (MLflow would use
+    ``./mlruns`` of the current folder); a server's own default for any other store."""
+    return Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     """Hold ``<db>.lock`` while a SQLite store is opened: the parallel jobs of a joblib sweep would otherwise
@@ -435,7 +441,7 @@ def open_tracker(cfg: DictConfig, run_path: Path, *, name: Optional[str] = None,
         try:
             with _quick_failure(), _store_lock(uri):
                 tracker = MLflowTracker(uri, str(lg.experiment), lg.get("run_name") or name or run_path.name, tags,
-                                        None if lg.get("tracking_uri") else outputs / "mlartifacts", saved)
+                                        _artifact_root(uri), saved)
         except Exception as err:  # an unreachable server, a store that cannot be opened
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise MsnetError(f"logger=mlflow could not open the tracking store {uri} ({first}); "
