@@ -259,14 +259,14 @@ class LoggerConfig:
     ``steps.jsonl`` row, the flattened resolved config with the final metrics, and the run's figures.
     """
 
-    name: str = "none"
+    name: str = "none"  # the tracker: none | tensorboard | mlflow (set by choosing the option, logger=NAME)
 
 
 @dataclass
 class TensorBoardLoggerConfig(LoggerConfig):
     """``logger=tensorboard`` (``pip install 'msnet[tensorboard]'``): event files for ``tensorboard --logdir``."""
 
-    name: str = "tensorboard"
+    name: str = "tensorboard"  # this option's tracker (msnet/runs/tracking.py)
     log_dir: Optional[str] = None  # null: <run dir>/tensorboard (a sweep's jobs: one folder each under the sweep dir)
     flush_secs: int = 10  # seconds between writes of the event file to disk
 
@@ -275,7 +275,7 @@ class TensorBoardLoggerConfig(LoggerConfig):
 class MLflowLoggerConfig(LoggerConfig):
     """``logger=mlflow`` (``pip install 'msnet[mlflow]'``): one MLflow run per msnet run (per job of a sweep)."""
 
-    name: str = "mlflow"
+    name: str = "mlflow"  # this option's tracker (msnet/runs/tracking.py)
     tracking_uri: Optional[str] = None  # null: sqlite:///<abs path of outputs>/mlflow.db (artifacts beside it)
     experiment: str = "msnet"  # experiment name; a sweep's jobs all go to this one
     run_name: Optional[str] = None  # null: the job's overrides (k=v,k=v), or the run dir's name without any

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 
 TRACKING_FILE = "tracking.json"
-EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger name -> the msnet extra that installs it
+LOGGERS = ("tensorboard", "mlflow")  # besides none; each is also the name of the msnet extra that installs it
 
 
 class Tracker(Protocol):
@@ -337,8 +337,8 @@ def check_backend(cfg: DictConfig) -> None:
     name = str(logger_config(cfg).name)
     if name == "none":
         return
-    if name not in EXTRAS:
-        raise MsnetError(f"unknown logger {name!r}; choose one of: none, {', '.join(EXTRAS)}")
+    if name not in LOGGERS:
+        raise MsnetError(f"unknown logger {name!r}; choose logger=none, logger=tensorboard or logger=mlflow")
     try:
         if name == "tensorboard":
             import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
@@ -347,7 +347,7 @@ def check_backend(cfg: DictConfig) -> None:
             import mlflow  # noqa: F401
     except ImportError as err:
         raise MsnetError(f"logger={name} needs the {name} package ({err}); install it with: "
-                         f"pip install 'msnet[{EXTRAS[name]}]'") from None
+                         f"pip install 'msnet[{name}]'") from None
 
 
 def job_identity(run_path: Path) -> Dict[str, Optional[str]]:
