@@ -252,12 +252,43 @@ class RegularizerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where a run's records also go besides its run directory (``logger=none``: nowhere else).
+
+    Every option fans out the same records (msnet/runs/tracking.py): each ``metrics.jsonl`` row, each
+    ``steps.jsonl`` row, the flattened resolved config with the final metrics, and the run's figures.
+    """
+
+    name: str = "none"  # the tracker: none | tensorboard | mlflow (set by choosing the option, logger=NAME)
+
+
+@dataclass
+class TensorBoardLoggerConfig(LoggerConfig):
+    """``logger=tensorboard`` (``pip install 'msnet[tensorboard]'``): event files for ``tensorboard --logdir``."""
+
+    name: str = "tensorboard"  # this option's tracker (msnet/runs/tracking.py)
+    log_dir: Optional[str] = None  # null: <run dir>/tensorboard (a sweep's jobs: one folder each under the sweep dir)
+    flush_secs: int = 10  # seconds between writes of the event file to disk
+
+
+@dataclass
+class MLflowLoggerConfig(LoggerConfig):
+    """``logger=mlflow`` (``pip install 'msnet[mlflow]'``): one MLflow run per msnet run (per job of a sweep)."""
+
+    name: str = "mlflow"  # this option's tracker (msnet/runs/tracking.py)
+    tracking_uri: Optional[str] = None  # null: sqlite:///<abs path of outputs>/mlflow.db (artifacts beside it)
+    experiment: str = "msnet"  # experiment name; a sweep's jobs all go to this one
+    run_name: Optional[str] = None  # null: the job's overrides (k=v,k=v), or the run dir's name without any
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # also send the run's records to: logger=NAME (conf/logger/)
     pyramid: Optional[PyramidConfig] = None  # image-pyramid schedule: +pyramid=NAME (conf/pyramid/)
     depth: Optional[DepthConfig] = None  # shallow-to-deep schedule: +depth=NAME (conf/depth/)
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
@@ -333,6 +364,8 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="bcd_schema", node=BCDConfig)
     cs.store(group="trainer", name="mgopt_schema", node=MGOptConfig)
     cs.store(group="trainer", name="rmtr_schema", node=RMTRConfig)
+    cs.store(group="logger", name="tensorboard_schema", node=TensorBoardLoggerConfig)
+    cs.store(group="logger", name="mlflow_schema", node=MLflowLoggerConfig)
 
 
 def compose_config(overrides: List[str], name: str = "train") -> Any:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "configuration.md"
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 COMMANDS = ("train", "evaluate", "transfer", "report")
-GROUPS = ("dataset", "model", "optimizer", "trainer", "pyramid", "depth", "experiment")
+GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "pyramid", "depth", "experiment")
 OPTIONAL_GROUPS = ("pyramid", "depth")  # not in train's defaults list: +pyramid=NAME
 
 

@@ -20,6 +20,8 @@ from msnet.core import count_parameters, resolve_device, resolve_dtype
 from msnet.data import DataBundle, prepare_data
 from msnet.runs import RunConsole, RunDir, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
+from msnet.runs.plots import run_figures
+from msnet.runs.tracking import NullTracker, job_identity, open_tracker
 from msnet.training import distributed
 from msnet.training.fit import level_label, run_levels
 from msnet.training.loop import NonFiniteLoss
@@ -61,10 +63,27 @@ def train(
 
 def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]], console: Optional[RunConsole],
            argv: Optional[List[str]], env: distributed.DistEnv) -> Dict[str, Any]:
-    """The route of every run: check, set up, start or resume, train the levels, summarise."""
+    """The route of every run: check, open the run directory (and its tracker), then :func:`_run`."""
     console = console or RunConsole()
-    run = RunDir(run_dir)
     cfg, ckpt = preflight(cfg, env, overrides)
+    run = _open_run(cfg, Path(run_dir), ckpt, env)
+    try:
+        return _run(cfg, run, ckpt, console, argv, env)
+    finally:
+        run.close()
+
+
+def _open_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Dict[str, Any]], env: distributed.DistEnv) -> RunDir:
+    """The run directory, with the tracker ``cfg.logger`` names on rank 0 (continuing the resumed run's)."""
+    if not env.is_main:
+        return RunDir(run_dir)
+    previous = Path(ckpt["path"]).parent.parent if ckpt is not None and ckpt.get("path") else None
+    return RunDir(run_dir, tracker=open_tracker(cfg, run_dir, previous=previous, **job_identity(run_dir)))
+
+
+def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: RunConsole,
+         argv: Optional[List[str]], env: distributed.DistEnv) -> Dict[str, Any]:
+    """Set up, start or resume, train the levels, summarise (after the preflight, into ``run``)."""
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     device = distributed.setup(env, resolve_device(cfg.device), cfg.threads)
@@ -110,6 +129,9 @@ def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]],
     except NonFiniteLoss as err:
         status, error = "failed", str(err)
 
+    if not isinstance(run.tracker, NullTracker):
+        for name, figure in run_figures(state.history, state.model.state_dict()).items():
+            run.log_figure(name, figure)
     summary = _summarize(state, schedule, data, status, error, setup_s, device, env, run, ckpt_path)
     _print_summary(console, summary, state, schedule)
     console.save(run.path / "console.txt")

@@ -16,6 +16,7 @@ from msnet.core.network import check_connective, check_p_last
 from msnet.core.reversible import check_scheme, scheme_note
 from msnet.data import DATASETS, DataBundle
 from msnet.runs import load_checkpoint
+from msnet.runs.tracking import check_backend
 from msnet.training import distributed, speed
 from msnet.training.distributed import DistEnv
 from msnet.training.updates import selected_rule
@@ -78,6 +79,7 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     rule.check(cfg)
     distributed.check(cfg, env or DistEnv(), rule)
     speed.check(cfg, rule)
+    check_backend(cfg)
 
 
 def stochastic_depth_p_last(model_cfg: Any) -> float:

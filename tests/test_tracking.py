@@ -1,0 +1,230 @@
+"""Loggers (``logger=tensorboard|mlflow``): what a run writes to metrics.jsonl / steps.jsonl / summary.json is
+what TensorBoard's and MLflow's own readers find, for schedules, update rules with steps, resumes and sweeps."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from omegaconf import OmegaConf
+
+from msnet import MsnetError
+from msnet.runs import read_metrics
+from msnet.runs.tracking import NullTracker, flatten_config, scalars
+from msnet.training import train
+from msnet.training.setup import check_config
+from tests.test_cli import TINY, msnet
+
+EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def read_steps(run: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines() if line.strip()]
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def mlflow_run(run: Path):
+    """The MLflow client and run that ``run``'s tracking.json names."""
+    saved = json.loads((run / "tracking.json").read_text())
+    client = mlflow_client(saved["tracking_uri"])
+    return client, client.get_run(saved["run_id"])
+
+
+# --- records as numbers -------------------------------------------------------------------------
+
+
+def test_scalars_and_flattened_config():
+    record = {"epoch": 3, "level": "coarse", "resolution": [4, 6], "layers": [2], "val_acc": None,
+              "train_loss": float("nan"), "ok": True, "lr": 0.5}
+    assert scalars(record) == {"epoch": 3.0, "resolution_0": 4.0, "resolution_1": 6.0, "layers": 2.0, "ok": 1.0,
+                               "lr": 0.5}
+    flat = flatten_config({"model": {"layers": 4, "widths": None, "sd": {"p_last": 0.5}}, "pyramid": {"epochs": [2, 1]}})
+    assert flat == {"model.layers": 4, "model.widths": "null", "model.sd.p_last": 0.5, "pyramid.epochs": "[2, 1]"}
+
+
+# --- TensorBoard --------------------------------------------------------------------------------
+
+
+def test_tensorboard_run_holds_every_epoch_the_hparams_and_the_figure(tiny_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    summary = train(tiny_cfg(["logger=tensorboard", "+pyramid=2level", "trainer.batch_size=100"]), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["level"] for r in rows] == ["coarse", "coarse", "fine"]
+    ea = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    ea.Reload()
+    for key in EPOCH_KEYS:
+        events = ea.Scalars(key)
+        assert [e.step for e in events] == [r["epoch"] for r in rows], key
+        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6), key  # float32 events
+    assert [e.value for e in ea.Scalars("resolution_0")] == [r["resolution"][0] for r in rows]
+    assert [e.value for e in ea.Scalars("level_index")] == [0, 0, 1]
+    assert ea.Scalars("hparams/final_test_acc")[-1].value == pytest.approx(summary["final_test_acc"], rel=1e-6)
+    start = plugin_data_pb2.HParamsPluginData.FromString(ea.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["model.layers"].number_value == 2 and hp["logger.name"].string_value == "tensorboard"
+    assert hp["pyramid.epochs"].string_value == "[2, 1]"
+    assert "figures/levels" in ea.Tags()["images"]
+
+
+def test_tensorboard_resume_continues_the_same_folder(tiny_cfg, tmp_path, fail_epoch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(["logger=tensorboard", "trainer.epochs=3"])
+    cut = fail_epoch(3)
+    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
+        train(cfg, tmp_path / "cut")
+    cut.restore()
+    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
+    train(tiny_cfg(["logger=tensorboard", "trainer.epochs=3", f"resume={ck}"]), tmp_path / "resumed",
+          overrides=[f"resume={ck}"])
+    assert not (tmp_path / "resumed" / "tensorboard").exists()
+    ea = EventAccumulator(str(tmp_path / "cut" / "tensorboard"))
+    ea.Reload()
+    rows = read_metrics(tmp_path / "resumed")
+    assert [e.step for e in ea.Scalars("val_acc")] == [1, 2, 3] == [r["epoch"] for r in rows]
+    assert [e.value for e in ea.Scalars("val_acc")] == pytest.approx([r["val_acc"] for r in rows], rel=1e-6)
+
+
+# --- MLflow -------------------------------------------------------------------------------------
+
+
+def test_mlflow_run_holds_metrics_steps_params_and_figures(tiny_cfg, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    cfg = tiny_cfg(["logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment=tests", "optimizer=bcd",
+                    "trainer.batch_size=200", "trainer.epochs=1", "model.integrator=lm"])
+    summary = train(cfg, tmp_path / "run")
+    client, run = mlflow_run(tmp_path / "run")
+    assert run.info.status == "FINISHED" and client.get_experiment(run.info.experiment_id).name == "tests"
+    rows = read_metrics(tmp_path / "run")
+    for key in EPOCH_KEYS + ("bcd_cg_iters",):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in rows], key
+    steps = read_steps(tmp_path / "run")
+    assert len(steps) >= 2
+    for key in ("loss_before", "damping", "cg_iters"):
+        history = client.get_metric_history(run.info.run_id, f"steps/{key}")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == [s[key] for s in steps], key
+    params = run.data.params
+    assert params["optimizer.name"] == "bcd" and params["model.layers"] == "2" and params["model.integrator"] == "lm"
+    assert params["optimizer.cg_iters"] == str(cfg.optimizer.cg_iters) and params["pyramid"] == "null"
+    assert run.data.metrics["final/final_test_acc"] == summary["final_test_acc"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/lm_k.png"]
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())  # beside the store
+
+
+def test_mlflow_resume_continues_the_same_run(tiny_cfg, tmp_path, fail_epoch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["logger=mlflow", f"logger.tracking_uri={uri}", "trainer.epochs=3"]
+    cut = fail_epoch(3)
+    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
+        train(tiny_cfg(base), tmp_path / "cut")
+    cut.restore()
+    client, run = mlflow_run(tmp_path / "cut")
+    assert run.info.status == "KILLED"
+    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
+    train(tiny_cfg(base + [f"resume={ck}"]), tmp_path / "resumed", overrides=[f"resume={ck}"])
+    again = mlflow_run(tmp_path / "resumed")[1]
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    rows = read_metrics(tmp_path / "resumed")
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], r["val_acc"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_a_two_job_sweep_gives_two_runs_in_one_experiment(tmp_path):
+    # joblib: the two jobs open the new default store at the same time (without the store lock one failed with
+    # "duplicate column name", both creating its tables)
+    msnet("train", "-m", "hydra/launcher=joblib", "logger=mlflow", "model.layers=1,2", "threads=1", *TINY, cwd=tmp_path)
+    client = mlflow_client(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")  # the default store
+    runs = client.search_runs([client.get_experiment_by_name("msnet").experiment_id])
+    assert sorted(r.data.params["model.layers"] for r in runs) == ["1", "2"]
+    assert len({r.data.tags["msnet.sweep"] for r in runs}) == 1
+    assert all(f"model.layers={r.data.params['model.layers']}" in r.info.run_name for r in runs)
+    jobs = sorted(Path(r.data.tags["msnet.run_dir"]) for r in runs)
+    for job, run in zip(jobs, sorted(runs, key=lambda r: r.data.tags["msnet.run_dir"])):
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.value for m in history] == [r["val_acc"] for r in read_metrics(job)]
+
+
+# --- failures and ranks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logger,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_a_missing_backend_is_one_line_naming_the_extra(tiny_cfg, tmp_path, monkeypatch, logger, module):
+    real = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named {module!r}")
+        return real(name, *args, **kwargs)
+
+    cfg = tiny_cfg([f"logger={logger}"])
+    monkeypatch.setattr(builtins, "__import__", without)
+    with pytest.raises(MsnetError) as err:
+        check_config(cfg)
+    assert f"pip install 'msnet[{logger}]'" in str(err.value) and "\n" not in str(err.value)
+
+    import msnet.training.api as api
+
+    monkeypatch.setattr(api, "prepare_data", lambda *a, **k: pytest.fail("data loaded before the logger check"))
+    with pytest.raises(MsnetError, match=rf"logger={logger} needs"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_unreachable_mlflow_server_is_one_line_in_seconds(tiny_cfg, tmp_path):
+    import time
+
+    cfg = tiny_cfg(["logger=mlflow", "logger.tracking_uri=http://127.0.0.1:9"])  # port 9: nothing listens
+    t0 = time.perf_counter()
+    with pytest.raises(MsnetError, match="logger=mlflow could not open the tracking store http://127.0.0.1:9") as err:
+        train(cfg, tmp_path / "run")
+    assert "check logger.tracking_uri" in str(err.value) and "\n" not in str(err.value)
+    assert time.perf_counter() - t0 < 60  # MLflow alone retries for about four minutes
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_tensorboard_log_dir_gives_each_sweep_job_a_subfolder(tiny_cfg, tmp_path):
+    from msnet.runs.tracking import open_tracker
+
+    cfg = tiny_cfg(["logger=tensorboard", f"logger.log_dir={tmp_path / 'tb'}"])
+    trackers = [open_tracker(cfg, tmp_path / "sweep" / str(job), group=str(tmp_path / "sweep")) for job in (0, 1)]
+    assert [t.log_dir for t in trackers] == [tmp_path / "tb" / "0", tmp_path / "tb" / "1"]
+    single = open_tracker(cfg, tmp_path / "single")
+    assert single.log_dir == tmp_path / "tb"
+    for t in trackers + [single]:
+        t.close()
+
+
+def test_only_rank_0_opens_a_tracker(tiny_cfg, tmp_path):
+    from msnet.training.api import _open_run
+    from msnet.training.distributed import DistEnv
+
+    cfg = tiny_cfg(["logger=tensorboard"])
+    other = _open_run(cfg, tmp_path / "rank1", None, DistEnv(rank=1, world_size=2))
+    assert isinstance(other.tracker, NullTracker)
+    other.close()
+    assert not (tmp_path / "rank1" / "tracking.json").exists() and not (tmp_path / "rank1" / "tensorboard").exists()
+    main = _open_run(cfg, tmp_path / "rank0", None, DistEnv(rank=0, world_size=2))
+    main.close()
+    assert json.loads((tmp_path / "rank0" / "tracking.json").read_text())["logger"] == "tensorboard"
+
+
+def test_logger_none_writes_no_tracking_file_and_old_configs_read_as_none(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(["trainer.epochs=1"])
+    assert cfg.logger.name == "none"
+    train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "tracking.json").exists()
+    old = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "logger"})
+    check_config(old)
