@@ -58,8 +58,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _quote(value: str) -> str:
-    """Quote a path for Hydra's override grammar."""
+def quote(value: str) -> str:
+    """Quote a path for Hydra's override grammar (``'a b'``; a path holding ``'`` goes in double quotes)."""
     if "'" not in value:
         return f"'{value}'"
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -103,7 +103,7 @@ def rewrite(command: str, args: List[str]) -> List[str]:
             skip = True
             out.append(a)
         elif not a.startswith("-") and "=" not in a:
-            out.append(f"{key}={_quote(a)}")
+            out.append(f"{key}={quote(a)}")
         else:
             out.append(a)
     return out
