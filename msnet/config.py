@@ -12,6 +12,7 @@ optimisers, transfer operators) stay strings, checked by name before data is loa
 """
 
 
+import copy
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, List, Optional
@@ -413,11 +414,16 @@ def _store_optuna_preset(cs: ConfigStore) -> None:
         direction: Any = "${msnet_direction:${trainer.objective}}"
         # trials asked of the sampler at once and launched together: hydra/launcher=joblib runs a batch in parallel
         n_jobs: int = 1
-        # the sampler is seeded with the run's seed, so a study is repeatable (each trial still gets seed + job number)
-        sampler: Any = field(default_factory=lambda: {"seed": "${seed}"})
 
     Plugins.instance()
     cs.store(group="hydra/sweeper", name="optuna", node=OptunaPreset, provider="msnet")
+    # Every sampler that takes a seed (tpe, random, cmaes, nsgaii, motpe; not grid) is seeded with the run's
+    # seed, so a study is repeatable; each trial still trains with seed + its job number.
+    for file in cs.list("hydra/sweeper/sampler"):
+        node = copy.deepcopy(cs.load(f"hydra/sweeper/sampler/{file}").node)
+        if "seed" in node:
+            node.seed = "${seed}"
+            cs.store(group="hydra/sweeper/sampler", name=file.removesuffix(".yaml"), node=node, provider="msnet")
 
 
 def compose_config(overrides: List[str], name: str = "train") -> Any:

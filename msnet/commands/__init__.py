@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -17,6 +18,9 @@ from omegaconf import DictConfig, open_dict
 from msnet import MsnetError
 from msnet.config import Objective, register_configs
 
+# Optuna (hydra/sweeper=optuna) imports alembic, whose plugin registry logs seven "setup plugin" INFO lines
+# that Hydra's logging would print at the top of every study.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 CONFIG_PATH = "pkg://msnet.conf"
 OPTUNA_RESULTS = "optimization_results.yaml"
 """What the Optuna sweeper writes into the sweep folder: the study's best params and value."""

@@ -31,5 +31,5 @@ def main(cfg: DictConfig) -> None:
         columns, rows = report(cfg.dir, cfg.sort)
         console.print(records_table(f"{len(rows)} runs under {cfg.dir}", rows, columns))
         for study in optuna_studies(cfg.dir):
-            console.print(study_line(study, Path(cfg.dir).expanduser()))
+            console.print(study_line(study, Path(cfg.dir).expanduser()), soft_wrap=True, markup=False)  # one line, to grep
         console.print(f"written: {cfg.dir}/report.csv, {cfg.dir}/report.md")

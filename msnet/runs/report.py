@@ -173,7 +173,7 @@ def report(root: str | Path, sort: Optional[str] = None) -> Tuple[List[str], Lis
     write_report(root, columns, rows)
     if studies:
         with open(root / "report.md", "a") as f:
-            f.write("\n" + "".join(study_line(study, root) + "\n\n" for study in studies))
+            f.write("".join("\n" + study_line(study, root) + "\n" for study in studies))
     return columns, rows
 
 
