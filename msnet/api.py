@@ -111,12 +111,28 @@ def run_command(name: str, task: Callable[[Any], Any], overrides: Sequence[str],
         callbacks = Callbacks(cfg)
         callbacks.on_run_start(config=cfg, config_name=name)
         ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-                      task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                      task_function=_keeping_errors(task), config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
                       configure_logging=False)
         callbacks.on_run_end(config=cfg, config_name=name, job_return=ret)
     if ret.status == JobStatus.FAILED:
         raise ret._return_value  # the task's exception itself (JobReturn.return_value would print a line first)
     return ret.return_value
+
+
+def _keeping_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``task`` that, like the command line, leaves its :class:`MsnetError` in ``error.txt`` of its run folder
+    (and removes one an earlier run into the same folder left)."""
+
+    def job(cfg: Any) -> Any:
+        error = Path(_output_dir()) / "error.txt"
+        error.unlink(missing_ok=True)
+        try:
+            return task(cfg)
+        except MsnetError as err:
+            error.write_text(f"{err}\n")
+            raise
+
+    return job
 
 
 def _checked(name: str, overrides: Sequence[str]) -> List[str]:

@@ -91,6 +91,7 @@ def test_an_error_of_the_run_itself_is_raised_not_exited(tmp_path):
     with pytest.raises(MsnetError, match="^model.layers must be at least 1, got 0$"):
         msnet.train([*API_TINY, "model.layers=0"], run_dir=tmp_path / "run")
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+    assert (tmp_path / "run" / "error.txt").read_text() == "model.layers must be at least 1, got 0\n"  # as the CLI's
 
 
 @pytest.mark.slow
