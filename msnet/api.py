@@ -147,7 +147,14 @@ def _checked(name: str, overrides: Sequence[str]) -> List[str]:
 
 
 def hydra_error_line(err: BaseException, name: str) -> str:
-    """Hydra's message for a config that does not compose (and the OmegaConf error behind it), on one line."""
+    """One line for a config that does not compose: the command line's own line where it has one
+    (:func:`msnet.commands.type_error_line`: a wrong type, a misspelt key, an unknown option), else
+    Hydra's message and the OmegaConf error behind it, joined into one line."""
+    from msnet.commands import type_error_line
+
+    line = type_error_line(err)
+    if line is not None:
+        return line
     text = str(err).split("Config search path:")[0]
     cause = str(err.__cause__).split("full_key:")[0] if err.__cause__ is not None else ""
     lines = [line.strip().rstrip(".") for line in (text + "\n" + cause).splitlines() if line.strip()]

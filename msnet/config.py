@@ -191,8 +191,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
     reversible_tf32: bool = False  # let reversible stages use TF32 convolutions on CUDA (default: IEEE float32)
-    # what `msnet train` returns to a sweeper (hydra/sweeper=optuna): a validation metric of summary.json
-    objective: Objective = Objective.best_val_acc
+    objective: Objective = Objective.best_val_acc  # returned to a sweeper (hydra/sweeper=optuna): accuracies maximised, losses minimised
 
 
 @dataclass
