@@ -47,6 +47,8 @@ def usage() -> str:
         "  msnet report multirun/train/DATE/TIME",
         "  msnet train -m hydra/launcher=joblib seed=0,1,2 model.layers=2,4 threads=1   # jobs in parallel",
         "  msnet report multirun/train/DATE/TIME --group-by model.layers   # mean ± std over seeds",
+        "  msnet train -m hydra/sweeper=optuna 'optimizer.lr=tag(log, interval(1e-4, 1e-1))' hydra.sweeper.n_trials=20",
+        "                                                # an Optuna study of trainer.objective (best_val_acc)",
         "  msnet train level=coarse                      # train on 14x14 Fashion-MNIST",
         "  msnet train +pyramid=2level                   # coarse-to-fine: 14x14, then 28x28",
         "  msnet transfer --from coarse --to fine ckpt=PATH [native=PATH]",
@@ -54,12 +56,13 @@ def usage() -> str:
         "  msnet transfer --from-depth 8 --to-depth 16 ckpt=PATH",
         "",
         "msnet COMMAND --help lists the config groups and options of a command.",
+        "From Python: import msnet; msnet.train(['model.layers=8', 'trainer.epochs=1']) returns the run's summary.",
     ]
     return "\n".join(lines)
 
 
-def _quote(value: str) -> str:
-    """Quote a path for Hydra's override grammar."""
+def quote(value: str) -> str:
+    """Quote a path for Hydra's override grammar (``'a b'``; a path holding ``'`` goes in double quotes)."""
     if "'" not in value:
         return f"'{value}'"
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -103,7 +106,7 @@ def rewrite(command: str, args: List[str]) -> List[str]:
             skip = True
             out.append(a)
         elif not a.startswith("-") and "=" not in a:
-            out.append(f"{key}={_quote(a)}")
+            out.append(f"{key}={quote(a)}")
         else:
             out.append(a)
     return out

@@ -12,11 +12,13 @@ optimisers, transfer operators) stay strings, checked by name before data is loa
 """
 
 
+import copy
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 class Choice(str, Enum):
@@ -73,6 +75,25 @@ class GradientRestriction(Choice):
 class LineSearch(Choice):
     none = "none"
     armijo = "armijo"
+
+
+class Objective(Choice):
+    """What a run returns to a sweeper (``trainer.objective``): a key of its ``summary.json``, validation only."""
+
+    best_val_acc = "best_val_acc"  # highest validation accuracy over the epochs of the last level
+    final_val_acc = "final_val_acc"  # validation accuracy of the network the run ends with
+    best_val_loss = "best_val_loss"  # lowest validation loss over the epochs of the last level
+    final_val_loss = "final_val_loss"
+
+    @property
+    def direction(self) -> str:
+        """``maximize`` for accuracies, ``minimize`` for losses (Optuna's names)."""
+        return "maximize" if self.value.endswith("_acc") else "minimize"
+
+    @property
+    def worst(self) -> float:
+        """The value a failed run returns to the sweeper: the worst there is in this direction (+-inf)."""
+        return float("-inf") if self.direction == "maximize" else float("inf")
 
 
 @dataclass
@@ -170,6 +191,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
     reversible_tf32: bool = False  # let reversible stages use TF32 convolutions on CUDA (default: IEEE float32)
+    objective: Objective = Objective.best_val_acc  # returned to a sweeper (hydra/sweeper=optuna): accuracies maximised, losses minimised
 
 
 @dataclass
@@ -366,6 +388,41 @@ def register_configs() -> None:
     cs.store(group="trainer", name="rmtr_schema", node=RMTRConfig)
     cs.store(group="logger", name="tensorboard_schema", node=TensorBoardLoggerConfig)
     cs.store(group="logger", name="mlflow_schema", node=MLflowLoggerConfig)
+    OmegaConf.register_new_resolver("msnet_direction", lambda name: Objective(str(name)).direction, replace=True)
+    _store_optuna_preset(cs)
+
+
+def _store_optuna_preset(cs: ConfigStore) -> None:
+    """``hydra/sweeper=optuna``: the Optuna sweeper plugin's config with msnet's defaults, in place of the plugin's.
+
+    It has to be a structured config of the same name rather than a YAML file beside the launcher presets:
+    Hydra refuses a YAML file that matches a schema with a defaults list (the plugin's picks its sampler).
+    Hydra's plugin scan re-executes the plugin's config module, which stores the plugin's own node again,
+    so the scan is run first (once per process) and msnet's node stored after it. Without the plugin
+    (``pip install 'msnet[sweep]'``) there is nothing to replace.
+    """
+    try:
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    except ImportError:
+        return
+    from hydra.core.plugins import Plugins
+
+    @dataclass
+    class OptunaPreset(OptunaSweeperConf):
+        # maximize for trainer.objective=best_val_acc|final_val_acc, minimize for best_val_loss|final_val_loss
+        direction: Any = "${msnet_direction:${trainer.objective}}"
+        # trials asked of the sampler at once and launched together: hydra/launcher=joblib runs a batch in parallel
+        n_jobs: int = 1
+
+    Plugins.instance()
+    cs.store(group="hydra/sweeper", name="optuna", node=OptunaPreset, provider="msnet")
+    # Every sampler that takes a seed (tpe, random, cmaes, nsgaii, motpe; not grid) is seeded with the run's
+    # seed, so a study is repeatable; each trial still trains with seed + its job number.
+    for file in cs.list("hydra/sweeper/sampler"):
+        node = copy.deepcopy(cs.load(f"hydra/sweeper/sampler/{file}").node)
+        if "seed" in node:
+            node.seed = "${seed}"
+            cs.store(group="hydra/sweeper/sampler", name=file.removesuffix(".yaml"), node=node, provider="msnet")
 
 
 def compose_config(overrides: List[str], name: str = "train") -> Any:

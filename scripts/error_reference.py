@@ -27,6 +27,7 @@ ROOMS = {  # package -> heading, in the order a run meets them
     "msnet": "Registries: unknown names", "commands": "Command line", "training": "Training: configuration, schedules, update rules, resume",
     "data": "Data", "core": "The network", "multigrid": "Transfer between resolutions and depths",
     "runs": "Checkpoints and run folders", "tasks": "evaluate, transfer, launch",
+    "api": "From Python: msnet.train, msnet.evaluate, msnet.transfer",
 }
 
 
@@ -71,7 +72,7 @@ def messages() -> List[Tuple[str, str, str]]:
     out = []
     for path in sorted((REPO / "msnet").rglob("*.py")):
         rel = path.relative_to(REPO)
-        room = rel.parts[1] if len(rel.parts) > 2 else "msnet"
+        room = rel.parts[1] if len(rel.parts) > 2 else rel.stem if rel.stem in ROOMS else "msnet"
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 func = node.exc.func

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -15,16 +16,21 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from msnet import MsnetError
-from msnet.config import register_configs
+from msnet.config import Objective, register_configs
 
+# Optuna (hydra/sweeper=optuna) imports alembic, whose plugin registry logs seven "setup plugin" INFO lines
+# that Hydra's logging would print at the top of every study.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 CONFIG_PATH = "pkg://msnet.conf"
+OPTUNA_RESULTS = "optimization_results.yaml"
+"""What the Optuna sweeper writes into the sweep folder: the study's best params and value."""
 register_configs()
-# conf/hydra/launcher/{joblib,submitit_slurm}.yaml deliberately replace the launcher plugins' configs
-# of the same name (so `hydra/launcher=joblib` gets msnet's defaults); Hydra then checks them against
+# conf/hydra/launcher/{joblib,submitit_slurm}.yaml and conf/hydra/sweeper/optuna.yaml deliberately replace
+# the plugins' configs of the same name (so `hydra/launcher=joblib` gets msnet's defaults); Hydra then checks them against
 # the plugins' schemas and warns that this matching is deprecated. Each preset names its own
 # _target_, so it does not depend on the matching.
 warnings.filterwarnings(
-    "ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema with the same name"
+    "ignore", message=r"\s*'hydra/(launcher|sweeper)/\w+' is validated against ConfigStore schema with the same name"
 )
 
 
@@ -194,12 +200,38 @@ def seed_job(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """In a job of an Optuna study (``hydra/sweeper=optuna``): its objective has a value to return, and the
+    study's direction is the objective's (``trainer.objective``: accuracies maximised, losses minimised).
+
+    Raises :class:`MsnetError` before anything trains; outside an Optuna study it does nothing.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not _in_sweep() or "optuna" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
+        return
+    objective = Objective(cfg.trainer.objective)
+    if int(cfg.dataset.val_size) == 0:
+        raise MsnetError(f"trainer.objective={objective} is a validation metric, but dataset.val_size=0 holds out "
+                         f"no validation images; set dataset.val_size=N")
+    direction = HydraConfig.get().sweeper.get("direction")
+    name = str(getattr(direction, "name", direction))
+    if name in ("minimize", "maximize") and name != objective.direction:
+        raise MsnetError(f"hydra.sweeper.direction={name}, but trainer.objective={objective} is to {objective.direction}; "
+                         f"drop the direction override (the optuna preset takes it from trainer.objective)")
+
+
 class SweepFailures(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): after a ``-m`` sweep, exit with code 2 if a job failed.
 
     Jobs may run in other processes or on other machines (joblib, SLURM), so the failures are
     read from the sweep folder: the ``error.txt`` files that :func:`errors_as_lines` wrote during
     this sweep (new, or changed since it started). Every other job's results stay in place.
+
+    An Optuna study (``hydra/sweeper=optuna``) is the exception: its failed trials are outcomes of the
+    search (a diverging learning rate), recorded as the worst value, so when the study found a best
+    trial (a finite ``best_value`` in the ``optimization_results.yaml`` it wrote) the failures are named
+    in a warning line and the exit code stays 0.
     """
 
     def __init__(self) -> None:
@@ -208,7 +240,8 @@ class SweepFailures(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        self.before = {p: p.stat().st_mtime for p in _error_files(self.sweep_dir)}
+        self.before = {p: p.stat().st_mtime for p in [*_error_files(self.sweep_dir), self.sweep_dir / OPTUNA_RESULTS]
+                       if p.exists()}
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir))
@@ -216,9 +249,26 @@ class SweepFailures(Callback):
         if not failed:
             return
         jobs = "; ".join(f"{p} ({_last_line(p)})" for p in failed)
-        print(f"error: {len(failed)} job{'s' if len(failed) > 1 else ''} of the sweep failed: {jobs}; "
+        plural = "s" if len(failed) > 1 else ""
+        if self._study_found_best(sweep_dir):
+            print(f"warning: {len(failed)} trial{plural} of the Optuna study failed and counted as the worst value: "
+                  f"{jobs}; the best trial is in {sweep_dir / OPTUNA_RESULTS}", file=sys.stderr, flush=True)
+            return
+        print(f"error: {len(failed)} job{plural} of the sweep failed: {jobs}; "
               f"the other jobs' results are in {sweep_dir}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+
+    def _study_found_best(self, sweep_dir: Path) -> bool:
+        """This sweep was an Optuna study that wrote a finite best value (not every trial failed)."""
+        import math
+
+        import yaml
+
+        results = sweep_dir / OPTUNA_RESULTS
+        if not results.exists() or self.before.get(results) == results.stat().st_mtime:
+            return False
+        best = (yaml.safe_load(results.read_text()) or {}).get("best_value")
+        return isinstance(best, (int, float)) and math.isfinite(best)
 
 
 def _error_files(sweep_dir: Path) -> List[Path]:

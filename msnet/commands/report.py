@@ -1,5 +1,7 @@
 """``msnet report DIR [--group-by KEYS]``: wires the config to :mod:`msnet.runs.report` and prints the table."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -12,7 +14,7 @@ def main(cfg: DictConfig) -> None:
         from msnet import MsnetError
         from msnet.runs import RunConsole
         from msnet.runs.display import records_table
-        from msnet.runs.report import group_report, report
+        from msnet.runs.report import group_report, optuna_studies, report, study_line
 
         if not cfg.dir:
             raise MsnetError("which runs? give a folder: msnet report outputs/train (or a multirun sweep folder)")
@@ -28,4 +30,6 @@ def main(cfg: DictConfig) -> None:
             return
         columns, rows = report(cfg.dir, cfg.sort)
         console.print(records_table(f"{len(rows)} runs under {cfg.dir}", rows, columns))
+        for study in optuna_studies(cfg.dir):
+            console.print(study_line(study, Path(cfg.dir).expanduser()), soft_wrap=True, markup=False)  # one line, to grep
         console.print(f"written: {cfg.dir}/report.csv, {cfg.dir}/report.md")

@@ -1,26 +1,56 @@
-"""``msnet train``: wires the composed config to :func:`msnet.training.train`."""
+"""``msnet train``: wires the composed config to :func:`msnet.training.train` and returns the objective to a sweeper."""
+
+from pathlib import Path
+from typing import Any, Dict, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from msnet.commands import CONFIG_PATH, errors_as_lines, seed_job
+from msnet.commands import CONFIG_PATH, check_objective, errors_as_lines, seed_job
+from msnet.config import Objective
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Train, and return ``summary[trainer.objective]`` (what ``hydra/sweeper=optuna`` maximises or minimises).
+
+    A job of a sweep that fails (an :class:`MsnetError`, a diverging loss, a bug) keeps its error in
+    ``error.txt`` and returns the objective's worst value (-inf for an accuracy, +inf for a loss), so
+    an Optuna study records the trial as the worst there is and goes on.
+    """
+    worst = Objective(cfg.trainer.objective).worst
+    with errors_as_lines(HydraConfig.get().runtime.output_dir):
+        summary = run(cfg)
+        value = summary.get(str(cfg.trainer.objective)) if summary else None
+        return worst if value is None else float(value)
+    return worst  # reached only inside a sweep, after errors_as_lines recorded the job's failure
+
+
+def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
+    """One ``msnet train`` job, inside Hydra (``HydraConfig`` set): train here, or on ``trainer.devices``
+    processes under torchrun; returns the run's summary. Shared by the CLI and :func:`msnet.train`.
+
+    Raises :class:`MsnetError` for anything a person can fix. When the torchrun ranks fail they have
+    printed their error already: a single run exits with their code (``SystemExit``), a sweep's job
+    returns None (its ``error.txt`` marks it failed).
+    """
+    from msnet.tasks.launch import launch, should_launch
+    from msnet.training import train
+
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    with errors_as_lines(run_dir):
-        from msnet.training import train
-        from msnet.tasks.launch import launch, should_launch
+    cfg, overrides = seed_job(cfg), list(hc.overrides.task)
+    check_objective(cfg)
+    if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir
+        sweep = hc.mode == RunMode.MULTIRUN
+        code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
+        if code and not sweep:  # the ranks printed the error; in a sweep their error.txt marks the job failed
+            raise SystemExit(code)
+        if code:
+            return None
+        import json
 
-        cfg, overrides = seed_job(cfg), list(hc.overrides.task)
-        if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir
-            sweep = hc.mode == RunMode.MULTIRUN
-            code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
-            if code and not sweep:  # the ranks printed the error; in a sweep their error.txt marks the job failed
-                raise SystemExit(code)
-            return
-        train(cfg, run_dir, overrides=overrides)
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    return train(cfg, run_dir, overrides=overrides)

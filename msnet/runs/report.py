@@ -93,16 +93,87 @@ def write_report(root: Path, columns: List[str], rows: List[Dict[str, Any]]) -> 
     return csv_path, md_path
 
 
+OPTUNA_RESULTS = "optimization_results.yaml"
+
+
+def _job_overrides(run_dir: Path) -> Dict[str, str]:
+    """A sweep job's overrides as typed (``.hydra/overrides.yaml``): ``{key: value text}``."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else None
+    return dict(str(o).split("=", 1) for o in items or [] if "=" in str(o))
+
+
+def _is_trial_of(run: Dict[str, Any], params: Dict[str, Any]) -> bool:
+    """The run was launched with these params (its overrides, else its config, hold every one of them)."""
+    typed = _job_overrides(run["dir"])
+    return all(typed[k] == str(v) if k in typed else run["config"].get(k) == v for k, v in params.items())
+
+
+def optuna_studies(root: str | Path, runs: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Every Optuna study under ``root``: a sweep folder holding the sweeper's ``optimization_results.yaml``.
+
+    Each: ``dir``, ``objective`` (the trials' ``trainer.objective``), ``best_params``, ``best_value``,
+    ``best_run`` (the run folder of the trial with those params and that value, None if not found),
+    ``trials`` (job folders with a summary or an ``error.txt``) and ``failed`` (those not completed).
+    A multi-objective study (``solutions``) has no single best: ``best_params`` is then None.
+    """
+    root = Path(root).expanduser()
+    runs = collect_runs(root) if runs is None else runs
+    studies = []
+    for path in sorted(root.rglob(OPTUNA_RESULTS)):
+        results = yaml.safe_load(path.read_text()) or {}
+        folder = path.parent
+        trials = [r for r in runs if folder in r["dir"].parents]
+        objective = next((r["config"]["trainer.objective"] for r in trials if "trainer.objective" in r["config"]),
+                         "objective")
+        params, value = results.get("best_params"), results.get("best_value")
+        best = [r for r in trials if params is not None and _is_trial_of(r, params)]
+        best = [r for r in best if r["summary"].get(objective) == value] or best
+        done = {r["dir"] for r in trials if r["summary"].get("status", "completed") == "completed"}
+        jobs = {p.parent for p in folder.glob("**/error.txt")} | {r["dir"] for r in trials}
+        studies.append({"dir": folder, "objective": objective, "best_params": params, "best_value": value,
+                        "best_run": best[0]["dir"] if best else None, "trials": len(jobs),
+                        "failed": len(jobs - done)})
+    return studies
+
+
+def study_line(study: Dict[str, Any], root: Path) -> str:
+    """One line on an Optuna study: its best trial (value, params, run folder), trials and failures."""
+    where = str(study["dir"].relative_to(root)) if study["dir"] != root else "."
+    counts = f"{study['trials']} trials, {study['failed']} failed"
+    if study["best_params"] is None:
+        return f"optuna study {where}: multi-objective (no single best trial); {counts}"
+    params = " ".join(f"{k}={v}" for k, v in study["best_params"].items())
+    run = str(study["best_run"].relative_to(root)) if study["best_run"] is not None else "not found"
+    return f"optuna study {where}: best {study['objective']} = {_cell(study['best_value'])} at {params} (run {run}); {counts}"
+
+
 def report(root: str | Path, sort: Optional[str] = None) -> Tuple[List[str], List[Dict[str, Any]]]:
-    """Collect, tabulate and write the report for ``root``; returns ``(columns, rows)``."""
+    """Collect, tabulate and write the report for ``root``; returns ``(columns, rows)``.
+
+    Under an Optuna sweep folder the best trial's row is marked in an ``optuna`` column, and
+    ``report.md`` ends with one line per study (:func:`study_line`).
+    """
     root = Path(root).expanduser()
     runs = collect_runs(root)
     columns, rows = report_rows(runs, root)
+    studies = optuna_studies(root, runs)
+    if studies:
+        best = {s["best_run"] for s in studies}
+        columns.insert(1, "optuna")
+        extra = [k for k in dict.fromkeys(s["objective"] for s in studies) if k not in columns and k != "objective"]
+        columns += extra  # the study's objective, when it is not one of the usual metrics (best_val_loss)
+        for run, row in zip(runs, rows):
+            row["optuna"] = "best" if run["dir"] in best else None
+            row.update({k: run["summary"].get(k) for k in extra})
     if sort:
         if sort not in columns:
             raise MsnetError(f"cannot sort by {sort!r}; columns are: {', '.join(columns)}")
         rows.sort(key=lambda r: (r.get(sort) is None, r.get(sort)))
     write_report(root, columns, rows)
+    if studies:
+        with open(root / "report.md", "a") as f:
+            f.write("".join("\n" + study_line(study, root) + "\n" for study in studies))
     return columns, rows
 
 

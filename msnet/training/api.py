@@ -186,9 +186,10 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
     if status == "completed":
         last = state.level_summaries[-1] if state.level_summaries else {}
         final = {k: last[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc") if last.get(k) is not None}
-    best = max((r for r in history if r.get("val_acc") is not None and r.get("level") == schedule[-1].name
-                and r.get("layers", model.depth()) == model.depth()),
-               key=lambda r: r["val_acc"], default=None)
+    last_level = [r for r in history if r.get("val_acc") is not None and r.get("level") == schedule[-1].name
+                  and r.get("layers", model.depth()) == model.depth()]
+    best = max(last_level, key=lambda r: r["val_acc"], default=None)
+    lowest = min((r for r in last_level if r.get("val_loss") is not None), key=lambda r: r["val_loss"], default=None)
     summary: Dict[str, Any] = {
         "status": status,
         "epochs": state.epoch,
@@ -197,6 +198,7 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
         "final_train_acc": history[-1].get("train_acc") if history else None,
         "best_val_acc": best["val_acc"] if best else None,
         "best_val_epoch": best["epoch"] if best else None,
+        "best_val_loss": lowest["val_loss"] if lowest else None,
         "wall_time_s": state.wall_time(),
         "setup_time_s": setup_s,
         "parameters": count_parameters(model),
