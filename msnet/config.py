@@ -55,6 +55,11 @@ class Connective(Choice):
     pad = "pad"  # pool + zero channels
 
 
+class DepthSizing(Choice):
+    epochs = "epochs"  # depth.epochs are epochs at each depth level
+    cost = "cost"  # depth.epochs are deep-epoch equivalents: d layers train epochs * stop / d epochs
+
+
 class Stencils(Choice):
     galerkin = "galerkin"  # the paper's R K_h P / its 9x9 inverse
     fit = "fit"  # Galerkin, refitted on sample images (msnet.multigrid.datafit)
@@ -238,9 +243,13 @@ class DepthConfig:
     start: int = 2
     stop: int = 16
     factor: int = 2
-    epochs: List[int] = field(default_factory=lambda: [1])  # per depth level (shallowest first), or one for all
+    # per depth level (shallowest first), or one for all; fractions allowed (a share of the last epoch is trained)
+    epochs: List[float] = field(default_factory=lambda: [1])
     lr: Optional[List[float]] = None  # per depth level, or one for all; null: optimizer.lr
     prolongation: str = "linear"  # msnet.multigrid.TIME_PROLONGATIONS
+    # epochs: depth.epochs counts epochs at each level; cost: it counts the level's work in epochs at depth.stop, so a
+    # level of d layers trains epochs * stop / d epochs (a level of stop / 2^k layers costs 2^-k of the deepest)
+    sizing: DepthSizing = DepthSizing.epochs
 
 
 @dataclass
