@@ -115,6 +115,7 @@ def main() -> None:
     done: set = set()
     runs = [finishing(n, traced(n, run(cfg, data, args.evals_per_epoch)[1])) for n, cfg in configs.items()]
     console = RunConsole()
+    console.console.width = max(console.console.width, 120)  # the result table has five columns
     console.print(f"random init: {args.final_depth} layers, {args.epochs} epochs, lr {args.lrs}; cascade "
                   f"{' -> '.join(map(str, depths))} layers, depth.sizing={args.sizing}, {args.shallow:g} per shallow "
                   f"level, up to {args.epochs} epochs at {args.final_depth}, lr {args.cascade_lrs}; interleaved ...")
