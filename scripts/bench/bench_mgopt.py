@@ -208,8 +208,8 @@ def report(console: RunConsole, args: argparse.Namespace, traces: Dict[str, List
     for label in (k for k in traces if not k.startswith("single")):
         m = hits[label]
         if base is None or m is None:
-            console.print(f"{label}: {'no single-level run' if base is None else label} reached the target within "
-                          f"its budget: ratios undefined" + ("" if m else f" (FGE ratio < 1/{args.budget_factor:g})"))
+            console.print(f"{label}: {'no single-level run' if base is None else label} did not reach the target "
+                          f"within its budget: ratios undefined" + ("" if m else f" (FGE ratio < 1/{args.budget_factor:g})"))
         else:
             s = hits[base]
             console.print(f"{label}: FGE ratio {base} / {label} = {s['fge'] / m['fge']:.2f} (goal >= 3); "
