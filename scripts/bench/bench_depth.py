@@ -29,12 +29,12 @@ its levels); the last line is the ratio cascade / random (goal <= 0.5).
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 from hydra.errors import HydraException
 
-from _harness import Point, first_hit, interleave, run, train_config
+from _harness import Point, first_hit, interleave, run, train_config, write_md_json
 from msnet import MsnetError
 from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
@@ -58,7 +58,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--train-subset", type=int, default=4096)
     ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--evals-per-epoch", type=int, default=4)
+    ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="folder for bench_depth.json (every trace, the rows and the ratio)")
     args = ap.parse_args()
     if args.shallow < 0:
         raise MsnetError(f"--shallow must be >= 0, got {args.shallow}")
@@ -73,7 +75,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shared = ["dataset.val_size=" + str(args.val_size), f"dataset.train_subset={args.train_subset}",
+    shared = [f"dataset={args.dataset}", "dataset.val_size=" + str(args.val_size), f"dataset.train_subset={args.train_subset}",
               "dataset.test_subset=0", f"model.channels={args.channels}", f"model.layers={args.final_depth}",
               f"model.T={args.T}", "optimizer=adam", "optimizer.scheduler=constant", "trainer.batch_size=128",
               "trainer.progress=false", "trainer.eval_batch_size=1000", "seed=0"]
@@ -142,13 +144,18 @@ def report(console: RunConsole, args: argparse.Namespace, data: Any, depths: Lis
                                 ["run", "final_val_acc", "time_to_target_s", "epochs_at_final_depth", "shallow_levels_s"]))
     console.print(f"data {data.name}, {data.x_train.shape[0]} training images, {args.channels} channels, T={args.T}, "
                   f"cascade {' -> '.join(map(str, depths))}, {torch.get_num_threads()} threads")
+    ratio = None
     if "random" in best and "cascade" in best:
         (rn, r), (cn, c) = best["random"], best["cascade"]
-        console.print(f"ratio cascade / random = {c['train_s'] / r['train_s']:.3f}  ({cn}: {c['train_s']:.1f} s; "
+        ratio = c["train_s"] / r["train_s"]
+        console.print(f"ratio cascade / random = {ratio:.3f}  ({cn}: {c['train_s']:.1f} s; "
                       f"{rn}: {r['train_s']:.1f} s; goal <= 0.5)")
     else:
         console.print("no cascade reached the target within its budget: ratio undefined (> 1)")
-
+    if args.out:
+        best_runs = {k: v[0] for k, v in best.items()}
+        write_md_json(args.out, "bench_depth", None, {"args": vars(args), "target": target, "traces": traces,
+                                                      "rows": rows, "best": best_runs, "ratio": ratio})
 
 if __name__ == "__main__":
     try:
