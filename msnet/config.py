@@ -243,13 +243,11 @@ class DepthConfig:
     start: int = 2
     stop: int = 16
     factor: int = 2
-    # per depth level (shallowest first), or one for all; fractions allowed (a share of the last epoch is trained)
-    epochs: List[float] = field(default_factory=lambda: [1])
+    epochs: List[float] = field(default_factory=lambda: [1])  # per depth level (shallowest first) or one; fractions ok
     lr: Optional[List[float]] = None  # per depth level, or one for all; null: optimizer.lr
     prolongation: str = "linear"  # msnet.multigrid.TIME_PROLONGATIONS
-    # epochs: depth.epochs counts epochs at each level; cost: it counts the level's work in epochs at depth.stop, so a
-    # level of d layers trains epochs * stop / d epochs (a level of stop / 2^k layers costs 2^-k of the deepest)
-    sizing: DepthSizing = DepthSizing.epochs
+    # A level of stop / 2^k layers costs 2^-k of a level of stop layers per epoch: sizing=cost budgets in the latter.
+    sizing: DepthSizing = DepthSizing.epochs  # epochs | cost: depth.epochs at depth.stop's cost (d layers: x stop / d)
 
 
 @dataclass
