@@ -162,12 +162,14 @@ def main() -> None:
     console = RunConsole()
     console.console.width = max(console.console.width, 150)  # the result table has ten columns
     depths = [d[0] for d in coarse_depths([args.layers], args.levels)]  # steps per level, coarsest first
+    mg = (f"MG/OPT {args.cycle}-cycle {args.optimizer} lr {args.lr}, nu1={args.nu1}, nu2={args.nu2}, "
+          f"coarse_steps={args.coarse_steps}, coarse_lr_factor={args.coarse_lr_factor}, "
+          f"line_search={args.line_search} {' '.join(args.mgopt_extra)}; ") if "MG/OPT" in cfgs else ""
+    tr = (f"RMTR radius {args.radius}, window_max {args.window_max} {' '.join(args.rmtr_extra)}; "
+          if "RMTR" in cfgs else "")
     describe = (f"{args.dataset}, {n} training images ({per_epoch} batches of {batch}), validation "
                 f"{data.x_val.shape[0]}; {args.channels} channels x {args.layers} layers, T={args.T}; single-level "
-                f"{args.optimizer} lr {args.baseline_lrs} constant; levels {depths}; MG/OPT {args.cycle}-cycle "
-                f"{args.optimizer} lr {args.lr}, nu1={args.nu1}, nu2={args.nu2}, coarse_steps={args.coarse_steps}, "
-                f"coarse_lr_factor={args.coarse_lr_factor}, line_search={args.line_search} {' '.join(args.mgopt_extra)}; "
-                f"RMTR radius {args.radius}, window_max {args.window_max} {' '.join(args.rmtr_extra)}; "
+                f"{args.optimizer} lr {args.baseline_lrs} constant; levels {depths}; {mg}{tr}"
                 f"{torch.get_num_threads()} threads")
     console.print(describe)
     console.print(f"single-level: {args.epochs} epochs = {budget:.0f} FGE; multilevel: up to "
