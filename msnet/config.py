@@ -57,6 +57,11 @@ class Connective(Choice):
     pad = "pad"  # pool + zero channels
 
 
+class DepthSizing(Choice):
+    epochs = "epochs"  # depth.epochs are epochs at each depth level
+    cost = "cost"  # depth.epochs are deep-epoch equivalents: d layers train epochs * stop / d epochs
+
+
 class Stencils(Choice):
     galerkin = "galerkin"  # the paper's R K_h P / its 9x9 inverse
     fit = "fit"  # Galerkin, refitted on sample images (msnet.multigrid.datafit)
@@ -260,9 +265,11 @@ class DepthConfig:
     start: int = 2
     stop: int = 16
     factor: int = 2
-    epochs: List[int] = field(default_factory=lambda: [1])  # per depth level (shallowest first), or one for all
+    epochs: List[float] = field(default_factory=lambda: [1])  # per depth level (shallowest first) or one; fractions ok
     lr: Optional[List[float]] = None  # per depth level, or one for all; null: optimizer.lr
     prolongation: str = "linear"  # msnet.multigrid.TIME_PROLONGATIONS
+    # A level of stop / 2^k layers costs 2^-k of a level of stop layers per epoch: sizing=cost budgets in the latter.
+    sizing: DepthSizing = DepthSizing.epochs  # epochs | cost: depth.epochs at depth.stop's cost (d layers: x stop / d)
 
 
 @dataclass

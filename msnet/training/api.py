@@ -174,7 +174,7 @@ def _print_start(console: RunConsole, cfg: DictConfig, data: DataBundle, spec: A
     if len(schedule) > 1 or schedule[0].down:
         console.print("levels: " + " -> ".join(
             f"{lv.name} {data.image_size[0] >> lv.down}x{data.image_size[1] >> lv.down}"
-            + (f" {lv.layers} layers" if lv.layers else "") + f" ({lv.epochs} ep)" for lv in schedule))
+            + (f" {lv.layers} layers" if lv.layers else "") + f" ({lv.trained_epochs():g} ep)" for lv in schedule))
 
 
 def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: str, error: Optional[str],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -54,6 +54,17 @@ def level_rule(state: RunState, cfg: DictConfig, level: Level, env: DistEnv, dev
     return speed.prepare_update(rule, state.model, cfg, env, device)
 
 
+def epoch_parts(n_train: int, share: float, evals_per_epoch: int,
+                generator: torch.Generator) -> List[Optional[torch.Tensor]]:
+    """The training-image indices of an epoch's chunks (each followed by a validation pass): ``[None]`` for
+    the whole set in one chunk, else a random permutation of ``round(share * n_train)`` images split into
+    ``evals_per_epoch`` chunks (``share`` < 1: a level's last, partial epoch)."""
+    if evals_per_epoch == 1 and share >= 1:
+        return [None]
+    m = n_train if share >= 1 else max(1, round(share * n_train))
+    return list(torch.randperm(n_train, generator=generator)[:m].chunk(evals_per_epoch))
+
+
 def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, evals_per_epoch: int = 1,
               shard: Optional[distributed.Shard] = None, progress: Optional[Progress] = None,
               on_step: Optional[Callable[[Dict[str, Any]], None]] = None, label: str = "") -> Iterator[Step]:
@@ -61,7 +72,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
 
     Each epoch is one pass of :func:`~msnet.training.loop.train_epoch` over the training set
     (``evals_per_epoch`` > 1: over a fresh random split of it into that many chunks, with a
-    validation pass after each chunk). Appends each epoch's row to ``state.history`` and yields it.
+    validation pass after each chunk; a level's last epoch covers ``level.share`` of it, :func:`epoch_parts`). Appends each epoch's row to ``state.history`` and yields it.
     """
     rule, model = state.rule, state.model
     has_val = bool(data.sizes()["val"])
@@ -69,8 +80,8 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
     for level_epoch in range(state.level_epoch + 1, level.epochs + 1):
         state.epoch += 1
         lr = rule.lr
-        parts = [None] if evals_per_epoch == 1 else list(torch.randperm(n_train, generator=state.generator)
-                                                         .chunk(evals_per_epoch))
+        parts = epoch_parts(n_train, level.share if level_epoch == level.epochs else 1.0, evals_per_epoch,
+                            state.generator)
         loss = acc = seconds = 0.0
         samples = 0
         for c, idx in enumerate(parts, start=1):
@@ -173,7 +184,7 @@ def level_summary(state: RunState, lv: Level, d: DataBundle, seconds: float, cfg
     """Accuracy and loss at the end of a level (validation from the last epoch, test measured now)."""
     last = state.history[-1]
     out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}",
-           "layers": state.model.depth()[0], "epochs": lv.epochs,
+           "layers": state.model.depth()[0], "epochs": lv.trained_epochs(),
            "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"), "time_s": seconds}
     if d.sizes()["test"]:
         m = evaluate(state.model, d.x_test, d.y_test, cfg.trainer.eval_batch_size)

@@ -15,6 +15,7 @@ expensive problem (deepest and finest) is solved once, from the best starting po
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -29,16 +30,25 @@ from msnet.multigrid.levels import level_name, parse_level, transfer_settings
 
 @dataclass
 class Level:
-    """One level of a schedule: ``down`` restrictions below the native resolution."""
+    """One level of a schedule: ``down`` restrictions below the native resolution.
+
+    ``epochs`` counts the epochs begun at the level; ``share`` (0 < share <= 1) is the part of the last one
+    trained (a random subset of that many training images), so a level trains ``epochs - 1 + share`` epochs.
+    """
 
     name: str
     down: int
     epochs: int
     lr: Optional[float] = None
     layers: Optional[int] = None  # time steps per stage; None: model.layers
+    share: float = 1.0
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def trained_epochs(self) -> float:
+        """The epochs the level trains: ``epochs - 1 + share`` (0 for a level of no epochs)."""
+        return self.epochs - 1 + self.share if self.epochs else 0.0
 
 
 @dataclass
@@ -144,6 +154,25 @@ def _per_level(values: Any, n: int, what: str) -> List[Any]:
     return values
 
 
+def depth_epochs(depth: Any, layers: List[int]) -> List[Tuple[int, float]]:
+    """``(epochs begun, share of the last one)`` for each depth level (``layers`` per stage) as ``depth.epochs`` asks.
+
+    ``depth.sizing=cost`` reads each entry as the level's work in epochs at the deepest level, ``depth.stop``
+    layers (a step costs the same at every depth): a level of d layers then trains ``entry * stop / d``
+    epochs, so the last level's entry is its epochs either way. Fractions of an epoch are allowed.
+    """
+    entries = [float(e) for e in _per_level(depth.epochs, len(layers), "depth.epochs")]
+    if any(e < 0 or not math.isfinite(e) for e in entries):
+        raise MsnetError(f"depth.epochs must be >= 0, got {entries}")
+    cost = str(depth.get("sizing", "epochs")) == "cost"
+    out = []
+    for d, e in zip(layers, entries):
+        total = round(e * layers[-1] / d if cost else e, 6)  # round-off must not begin an extra epoch
+        begun = math.ceil(total)
+        out.append((begun, round(total - begun + 1, 6) if begun else 1.0))
+    return out
+
+
 def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
     """The levels ``cfg`` asks for, in training order, ending at ``cfg.level`` (and ``depth.stop``)."""
     finest = parse_level(cfg.level, native)
@@ -175,10 +204,10 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
 
         TIME_PROLONGATIONS.get(depth.prolongation)
         layers = depth_levels(depth)
-        epochs = _per_level(depth.epochs, len(layers), "depth.epochs")
+        epochs = depth_epochs(depth, layers)
         lrs = _per_level(depth.lr, len(layers), "depth.lr")
         first = levels[0]
-        cascade = [Level(first.name, first.down, int(e), lr, d) for d, e, lr in zip(layers, epochs, lrs)]
+        cascade = [Level(first.name, first.down, e, lr, d, share) for d, (e, share), lr in zip(layers, epochs, lrs)]
         levels = cascade + [replace(lv, layers=layers[-1]) for lv in levels[1:]]
     if pyramid is not None:
         check_levels(native, levels[0].down, stages, f"pyramid.levels={pyramid.levels}" + (f" ending at level={cfg.level}" if finest else ""),

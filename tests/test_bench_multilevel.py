@@ -1,0 +1,82 @@
+"""scripts/bench/bench_depth.py and bench_mgopt.py as a user runs them: learning-rate grids for the baselines, the
+target and the baseline chosen from the grid, and the ratios printed as the last lines (issue 22)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str, args: list, tmp_path: Path) -> tuple:
+    out = tmp_path / name
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / f"{name}.py"), "--dataset", "synthetic", "--threads", "1",
+           "--out", str(out), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / f"{name}.json").read_text()), proc.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_bench_depth_tunes_both_runs_and_reports_the_fastest_of_each(tmp_path):
+    report, lines = bench("bench_depth", ["--final-depth", 4, "--epochs", 1, "--shallow", 0.25, "--train-subset", 256,
+                                          "--val-size", 100, "--channels", 2, "--evals-per-epoch", 2,
+                                          "--lrs", "1e-3,4e-3,1e-2", "--cascade-lrs", "4e-3,1e-2"], tmp_path)
+    traces = report["traces"]
+    assert sorted(traces) == sorted(["random lr 0.001", "random lr 0.004", "random lr 0.01", "cascade lr 0.004",
+                                     "cascade lr 0.01"])
+    randoms = [k for k in traces if k.startswith("random")]
+    assert report["target"] == pytest.approx(max(traces[k][-1]["val_acc"] for k in randoms) - 0.005)
+    # a cascade level of 2 layers with 0.25 final-depth epochs trains 0.5 epochs (split in two evaluations), then 4
+    for k in traces:
+        if k.startswith("cascade"):
+            assert [p["layers"] for p in traces[k]][:3] == [2, 2, 4]
+
+    def hit(k):
+        return next((p["train_s"] for p in traces[k] if p["layers"] == 4 and p["val_acc"] >= report["target"]), None)
+
+    fastest = {kind: min((k for k in traces if k.startswith(kind) and hit(k) is not None), key=hit, default=None)
+               for kind in ("random", "cascade")}
+    assert report["best"].get("random") == fastest["random"] and report["best"].get("cascade") == fastest["cascade"]
+    if report["ratio"] is None:
+        assert lines[-1].startswith("no cascade reached the target")
+    else:
+        assert report["ratio"] == pytest.approx(hit(fastest["cascade"]) / hit(fastest["random"]))
+        assert re.match(rf"ratio cascade / random = {report['ratio']:.3f}", lines[-1] if "ratio" in lines[-1]
+                        else lines[-2])
+
+
+@pytest.mark.slow
+def test_bench_mgopt_tunes_the_baseline_and_prints_each_methods_ratios_last(tmp_path):
+    report, lines = bench("bench_mgopt", ["--layers", 4, "--levels", 2, "--channels", 2, "--train-subset", 256,
+                                          "--val-size", 100, "--epochs", 2, "--eval-every", 1], tmp_path)
+    traces = report["traces"]
+    singles = [k for k in traces if k.startswith("single")]
+    assert singles == ["single lr 0.001", "single lr 0.002", "single lr 0.004"] and list(traces)[3:] == ["MG/OPT", "RMTR"]
+    plateau = max(sum(p["val_acc"] for p in traces[k][-3:]) / 3 for k in singles)
+    assert report["target"] == pytest.approx(plateau - 0.005)
+    # every single run spends 1 FGE per batch, the multilevel runs their own count, within 1.5x the single budget
+    for k in singles:
+        assert [p["fge"] for p in traces[k]] == [p["batches"] for p in traces[k]]
+    budget = traces[singles[0]][-1]["fge"]
+    for k in ("MG/OPT", "RMTR"):
+        assert traces[k][-2]["fge"] < 1.5 * budget and traces[k][-1]["fge"] > traces[k][1]["batches"]
+
+    def hit(k):
+        return next((p for p in traces[k] if p["val_acc"] >= report["target"]), None)
+
+    base = min((k for k in singles if hit(k)), key=lambda k: (hit(k)["fge"], hit(k)["train_s"]))
+    assert [r["run"] for r in report["rows"]].count(f"{base} (baseline)") == 1
+    for line, k in zip(lines[-2:], ("MG/OPT", "RMTR")):
+        assert line.startswith(f"{k}: ")
+        if hit(k) is None:
+            assert "did not reach the target" in line
+        else:
+            assert f"FGE ratio {base} / {k} = {hit(base)['fge'] / hit(k)['fge']:.2f}" in line
+            assert f"wall-time ratio = {hit(base)['train_s'] / hit(k)['train_s']:.2f}" in line
