@@ -151,6 +151,8 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
 def test_every_documented_command_composes(page, command):
     """``msnet ... --cfg job`` for each command line of the docs, through the dispatcher's own argv rewrite."""
+    from hydra.core.override_parser.types import IntervalSweep
+
     from msnet.cli import rewrite
     from msnet.config import register_configs
 
@@ -166,8 +168,10 @@ def test_every_documented_command_composes(page, command):
             continue
         assert not arg.startswith("-"), f"{page}: {command}: flag {arg} not understood by this test"
         parsed = OverridesParser.create().parse_override(arg)
-        if parsed.is_sweep_override():  # a -m sweep: compose its first job
-            arg = f"{parsed.get_key_element()}={next(iter(parsed.sweep_string_iterator()))}"
+        if parsed.is_sweep_override():  # a -m sweep: compose its first job (an Optuna interval: its lower end)
+            value = parsed.value()
+            first = value.start if isinstance(value, IntervalSweep) else next(iter(parsed.sweep_string_iterator()))
+            arg = f"{parsed.get_key_element()}={first}"
         overrides.append(arg)
     register_configs()
     GlobalHydra.instance().clear()
