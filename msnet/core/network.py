@@ -443,8 +443,9 @@ class ODEResNet(nn.Module):
         frozen linearised step is stable at every state; None where no condition applies.
 
         A new network starts at most at 1/2 (:func:`~msnet.core.reversible.stabilise_`). Training does not
-        keep it there, and need not: the trained presets that learn best reach 6-9 (README, "Does every
-        preset learn?"), with states that stay bounded, since the bound takes sigma' = 1 at every state."""
+        keep it there unless ``model.step_bound`` says so (:meth:`bound_steps_`), and mostly need not: the
+        presets reach 4-8 after one epoch (scripts/bench/bench_presets.py) with states that stay bounded
+        (:meth:`state_norms`), since the bound takes sigma' = 1 at every state."""
         ratios = [b.step_ratios() for b in self.blocks]
         return [None if r is None else float(r.max()) for r in ratios]
 

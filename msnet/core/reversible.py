@@ -21,7 +21,8 @@ stencils (``spectral_bounds``). :func:`step_ratios` compares the two; a new bloc
 each step's stencils so that its ratio is at most 1/2 (:func:`stabilise_`), so a network
 starts stable at every state whatever h its preset has. (Training then leaves that bound
 behind, 6-9 times the limit for the presets that learn best, while their states stay
-bounded: the bound assumes sigma' = 1 everywhere.) The midpoint network's field is ``conv_antisym``
+bounded: the bound assumes sigma' = 1 everywhere. ``model.step_bound`` keeps it: the trainer
+projects every step back onto h^p rho_j / limit <= bound after each update, ``ODEResNet.bound_steps_``.) The midpoint network's field is ``conv_antisym``
 (:class:`ConvAntisym`): on msnet's first field, sigma(K Y + b) with a plain K, no step size is
 stable (its real eigenvalues excite the parasitic root), and the ``midpoint`` preset with it
 reached 9-18 % on Fashion-MNIST; ``model.residual=conv_act`` keeps it for comparison, and

@@ -5,6 +5,7 @@
 #   1. the three reversible networks (Hamiltonian, Midpoint, Leapfrog; trained with
 #      model.backprop=reversible) against a ResNet of the same size (forward Euler, same units,
 #      widths, steps and about the same number of weights), on a training set (all of it in --full);
+#      plus midpoint_plain, the midpoint rule on the plain field sigma(K Y + b), for comparison;
 #   2. the same four networks trained on subsets of the training data (dataset.train_subset),
 #      the paper's "fewer training data" experiment.
 #
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --threads) THREADS="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "reproduce_chang2018: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -83,10 +84,13 @@ net_overrides() {
     resnet)      echo "model=midpoint model.name=resnet model.integrator=euler model.widths=$NET_WIDTHS" ;;
     hamiltonian) echo "model=hamiltonian model.widths=$HAM_WIDTHS model.backprop=reversible" ;;
     midpoint)    echo "model=midpoint model.widths=$NET_WIDTHS model.backprop=reversible" ;;
+    midpoint_plain) echo "model=midpoint model.residual=conv_act model.widths=$NET_WIDTHS model.backprop=reversible" ;;
     leapfrog)    echo "model=leapfrog model.widths=$NET_WIDTHS model.backprop=reversible" ;;
   esac
 }
-NETS="resnet hamiltonian midpoint leapfrog"
+# midpoint_plain: the midpoint rule on msnet's first field sigma(K Y + b) (conv_act, tanh), on which no step size
+# is stable (conf/model/midpoint.yaml); the comparison row for the stable conv_antisym midpoint.
+NETS="resnet hamiltonian midpoint midpoint_plain leapfrog"
 
 run() {  # run DIR EPOCHS SUBSET NET
   local dir=$1 epochs=$2 subset=$3 net=$4
@@ -126,6 +130,7 @@ PAPER = {
     "resnet": ("ResNet-32", None, None),
     "hamiltonian": ("Hamiltonian-74", None, None),
     "midpoint": ("MidPoint (paper's size)", None, None),
+    "midpoint_plain": ("(msnet's plain-field midpoint)", None, None),
     "leapfrog": ("LeapFrog (paper's size)", None, None),
 }
 
