@@ -103,7 +103,7 @@ def conv_norm(K: torch.Tensor, size: int = 16, iters: int = 30, memory: Optional
     there under ``key``, and a later call whose stencils have the same shape starts from it: at least
     ``warm_iters`` iterations, then on until no estimate moves by more than 1e-3 of itself (at most
     ``iters``). Stencils that change a little per optimizer step so keep an estimate as close as a cold
-    start's at a tenth of its cost, and a large change costs more iterations, not accuracy (Miyato et al.,
+    start's at a fraction of its cost, and a large change costs more iterations, not accuracy (Miyato et al.,
     "Spectral normalization for GANs", ICLR 2018, track the top singular vector the same way).
     """
     n, c_out, c_in = K.shape[:3]
