@@ -12,7 +12,7 @@
 # Every run is a real `msnet train ... hydra.run.dir=OUT/...`; the tables are built from the
 # runs' summary.json files. The paper's CIFAR accuracies are printed beside msnet's (see PAPER below).
 #
-#   scripts/reproduce/chang2018.sh            about 15-20 min on this project's 2-core CPU machine:
+#   scripts/reproduce/chang2018.sh            about 20-25 min on this project's 2-core CPU machine (5 nets):
 #                                             Fashion-MNIST (offline), half-width nets with 4 steps per
 #                                             unit, 3 epochs on 10,000 images; subsets of 500 and 2,000
 #                                             images (10 and 4 epochs); estimated from measured step times,
@@ -130,7 +130,7 @@ PAPER = {
     "resnet": ("ResNet-32", None, None),
     "hamiltonian": ("Hamiltonian-74", None, None),
     "midpoint": ("MidPoint (paper's size)", None, None),
-    "midpoint_plain": ("(msnet's plain-field midpoint)", None, None),
+    "midpoint_plain": ("(plain-field midpoint)", None, None),
     "leapfrog": ("LeapFrog (paper's size)", None, None),
 }
 
@@ -145,17 +145,17 @@ def pct(x):
 
 
 print(f"\nTable 1: test accuracy (%), {dataset}, training images: {train}")
-print(f"{'net':<12} {'params':>8} {'msnet test':>10} {'val':>7} {'time s':>7} | {'paper net':<24} {'C-10':>6} {'C-100':>6}")
+print(f"{'net':<14} {'params':>8} {'msnet test':>10} {'val':>7} {'time s':>7} | {'paper net':<24} {'C-10':>6} {'C-100':>6}")
 for net in nets:
     s = summary(out / "all" / net) or {}
     name, c10, c100 = PAPER[net]
-    print(f"{net:<12} {s.get('parameters', 0):>8} {pct(s.get('final_test_acc')):>10} {pct(s.get('final_val_acc')):>7} "
+    print(f"{net:<14} {s.get('parameters', 0):>8} {pct(s.get('final_test_acc')):>10} {pct(s.get('final_val_acc')):>7} "
           f"{s.get('wall_time_s', float('nan')):>7.0f} | {name:<24} {pct(c10):>6} {pct(c100):>6}")
 if subsets:
     print(f"\nTable 2: test accuracy (%) with fewer training images, {dataset}")
-    print(f"{'net':<12} " + " ".join(f"{n:>8}" for n in subsets) + f" {train:>8}")
+    print(f"{'net':<14} " + " ".join(f"{n:>8}" for n in subsets) + f" {train:>8}")
     for net in nets:
         row = [summary(out / f"subset_{n}" / net) or {} for n in subsets] + [summary(out / "all" / net) or {}]
-        print(f"{net:<12} " + " ".join(f"{pct(s.get('final_test_acc')):>8}" for s in row))
+        print(f"{net:<14} " + " ".join(f"{pct(s.get('final_test_acc')):>8}" for s in row))
 print(f"\nruns: {out}/*/*/summary.json (msnet report {out} lists them all)")
 EOF
