@@ -142,6 +142,7 @@ class ModelConfig:
     widths: Optional[List[int]] = None  # channels per stage; null: channels * growth**i
     connective: Connective = Connective.conv  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
     backprop: Backprop = Backprop.store  # store | reversible (rebuild states in backward; reversible integrators)
+    step_bound: Optional[float] = None  # in (0, 1]: after each update, every step's h^p rho / limit <= it; null: off
 
 
 @dataclass

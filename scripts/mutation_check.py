@@ -14,7 +14,7 @@ copy's configs are the ones loaded). A mutation is *caught* when pytest reports 
 the baseline is broken and nothing is mutated. Before anything runs, every mutation's original text
 must occur exactly once in its file, so the list fails loudly instead of rotting when code moves.
 
-    .venv/bin/python scripts/mutation_check.py              # all 23 (5 to 6.5 min on a shared 2-core CPU)
+    .venv/bin/python scripts/mutation_check.py              # all 25 (5 to 7 min on a shared 2-core CPU)
     .venv/bin/python scripts/mutation_check.py --list       # what would be planted, and where
     .venv/bin/python scripts/mutation_check.py -k classifier --jobs 2
 
@@ -235,6 +235,20 @@ MUTATIONS: List[Mutation] = [
         "e = [move(tr.P, st, pc) for pc, c0, st in zip(coarse.params, xc0, fine.stage)]",
         "MG/OPT prolongs the coarse weights instead of the coarse correction x_H - R x_h",
         ("tests/test_mgopt.py::test_prolonged_coarse_step_is_the_predicted_descent_step",),
+    ),
+    Mutation(
+        "warm-norm-stops-early", "msnet/core/residual.py",
+        "if warm and before is not None and i + 1 >= warm_iters and bool",
+        "if warm and bool",
+        "a warm-started stencil norm stops after one power iteration, whatever the change since the last",
+        ("tests/test_stability.py::test_step_bound_holds_after_training_with_a_large_learning_rate",),
+    ),
+    Mutation(
+        "state-norms-miss-schemes", "msnet/core/reversible.py",
+        "        if probe is not None:\n            probe(j, scheme.finish(state))\n        theta",
+        "        theta",
+        "the state-norm probe does not see a reversible scheme's states with backprop=store",
+        ("tests/test_stability.py::test_state_norms_see_every_state_of_every_integrator",),
     ),
 ]
 

@@ -213,3 +213,107 @@ def test_a_run_notes_an_unstable_pairing_from_its_config(compose_cfg):
         assert stability_notes(compose_cfg("train", [f"model={preset}"]).model) == []
     (line,) = stability_notes(compose_cfg("train", ["model=midpoint", "model.residual=conv_act"]).model)
     assert "model.residual=conv_antisym" in line
+
+
+def _states(model, x):
+    """Every stage's states y_0 .. y_N of one forward pass, by hand: the step hook's, then the block's output."""
+    seen = {s: [] for s in range(len(model.blocks))}
+    handles = [b.register_forward_hook(lambda _m, _i, y, s=s: seen[s].append(y)) for s, b in enumerate(model.blocks)]
+    with model.step_hook(lambda s: lambda j, y: seen[s].append(y)):
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("integrator,residual", [("euler", "conv_act"), ("rk2", "conv_act"), ("midpoint", "conv_antisym"),
+                                                 ("leapfrog", "conv_sym"), ("hamiltonian", "hamiltonian")])
+def test_state_norms_see_every_state_of_every_integrator(integrator, residual):
+    """ODEResNet.state_norms: per stage, the largest RMS ||y||/sqrt(CHW) over images and states y_0 .. y_N (and a
+    Runge-Kutta step's stage inputs), the same
+    for backprop=store and reversible (whose forward runs inside an autograd Function); the hooks are gone after."""
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    peaks = {}
+    for backprop in ("store", "reversible") if INTEGRATORS.get(integrator).reversible else ("store",):
+        torch.manual_seed(0)
+        spec = ModelSpec(1, 3, (8, 8), [StageSpec(4, 3, 3.0), StageSpec(8, 2, 2.0)], residual=residual,
+                         activation="tanh", integrator=integrator, classifier="gap", connective="pad", backprop=backprop)
+        model = build_model(spec)
+        with torch.no_grad():
+            model.opening.weight.mul_(5.0)  # states well away from 0, so that steps change their norms
+        with model.state_norms() as got:
+            F_out = model(x)
+            assert got == [0.0, 0.0]  # filled on the way out
+        F_out.sum().backward()  # the reversible backward does not fire the probe (nothing is left to fire)
+        states = _states(model, x)
+        per_step = 1 if INTEGRATORS.get(integrator).reversible else INTEGRATORS.get(integrator).stages
+        assert [len(states[0]), len(states[1])] == [3 * per_step + 1, 2 * per_step + 1]  # every evaluation, the output
+        want = [max((y.flatten(1).norm(dim=1) / y[0].numel() ** 0.5).max().item() for y in states[s]) for s in (0, 1)]
+        assert got == pytest.approx(want, rel=1e-6)
+        assert len({round(v, 6) for y in states[0] for v in [y.norm().item()]}) > 1  # the states do differ
+        assert all(b.probe is None and not b._forward_hooks for b in model.blocks)
+        peaks[backprop] = got
+    if "reversible" in peaks:
+        assert peaks["reversible"] == pytest.approx(peaks["store"], rel=1e-6)
+
+
+def _leapfrog_run(compose_cfg, overrides):
+    """A tiny leapfrog trained by the level loop as msnet train trains it; returns its model."""
+    from msnet.data import prepare_data
+    from msnet.training.fit import run_levels
+    from msnet.training.schedule import build_schedule
+    from msnet.training.setup import check_config, model_spec
+    from msnet.training.state import RunState
+
+    cfg = compose_cfg("train", ["model=leapfrog", "model.widths=[4,4]", "model.stages=2", "model.layers=4", "model.T=4",
+                                "dataset=synthetic", "dataset.n_train=256", "dataset.n_test=64", "dataset.val_size=64",
+                                "dataset.image_size=8", "trainer.epochs=2", "trainer.batch_size=32",
+                                "trainer.progress=false", "device=cpu", "optimizer.scheduler=constant", *overrides])
+    check_config(cfg)
+    data = prepare_data(cfg.dataset, torch.device("cpu"))
+    spec = model_spec(cfg.model, data)
+    schedule = build_schedule(cfg, data.image_size, len(spec.stages))
+    state = RunState.start(cfg, spec, schedule, torch.device("cpu"), torch.float32)
+    for _ in run_levels(state, schedule, data, cfg, summaries=False):
+        pass
+    return state.model
+
+
+def test_step_bound_holds_after_training_with_a_large_learning_rate(compose_cfg):
+    """model.step_bound=0.9: after 16 Adam steps of lr 0.1 (50 times the default), every leapfrog step keeps
+    h^2 ||K_j||^2 / 4 <= 0.9 by a cold 300-iteration norm (the projection's warm 2-iteration estimate is not
+    trusted); without the bound the same run ends beyond the stability limit (ratio > 1)."""
+    bounded = _leapfrog_run(compose_cfg, ["model.step_bound=0.9", "optimizer.lr=0.1"])
+    free = _leapfrog_run(compose_cfg, ["optimizer.lr=0.1"])
+    for model, check in ((bounded, lambda r: r <= 0.9 * 1.01), (free, lambda r: r > 1.0)):
+        for b in model.blocks:
+            rho = conv_norm(b.params["K"], iters=300) ** 2
+            ratio = (b.h**2 * rho / 4.0).max().item()
+            assert check(ratio), (model.spec.step_bound, ratio)
+    assert bounded.spec.step_bound == 0.9 and free.spec.step_bound is None
+
+
+def test_step_bound_is_checked_before_data(compose_cfg):
+    """Out of (0, 1], or on a network with no step-size condition: one line naming the fix."""
+    from msnet import MsnetError
+    from msnet.training.setup import check_config
+
+    check_config(compose_cfg("train", ["model=leapfrog", "model.step_bound=0.5"]))
+    with pytest.raises(MsnetError, match=r"model.step_bound must be in \(0, 1\]"):
+        check_config(compose_cfg("train", ["model=leapfrog", "model.step_bound=1.5"]))
+    with pytest.raises(MsnetError, match="set model.step_bound=null"):
+        check_config(compose_cfg("train", ["model=resnet", "model.step_bound=0.5"]))
+
+
+def test_warm_norm_estimates_track_the_cold_ones():
+    """conv_norm with memory: after a cold start, 2 iterations from the last vector per small change stay within
+    1 % of a cold 30-iteration estimate (and cost 2 iterations: the memory's vector has the grid's shape)."""
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(3, 6, 6, 3, 3, generator=g, dtype=torch.float64) / 7
+    memory = {}
+    conv_norm(K, memory=memory)
+    assert memory["K"].shape == (1, 3 * 6, 16, 16)
+    for _ in range(10):
+        K = K + 0.01 * torch.randn(K.shape, generator=g, dtype=torch.float64) / 7
+        warm, cold = conv_norm(K, memory=memory), conv_norm(K)
+        assert ((warm - cold).abs() <= 0.01 * cold).all(), (warm, cold)

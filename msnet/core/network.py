@@ -69,6 +69,8 @@ class ModelSpec:
     connective: str = "conv"  # between stages: "conv" (1x1 conv + pool) or "pad" (pool + zero channels)
     # how gradients are computed, not what is computed: not compared, so a run resumes under either
     backprop: str = field(default="store", compare=False)
+    # training keeps each step's h^p rho_j / limit <= step_bound (ODEResNet.bound_steps_); None: unconstrained
+    step_bound: Optional[float] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(s) for s in self.image_size)  # type: ignore[assignment]
@@ -101,6 +103,7 @@ class ModelSpec:
         widths = [s.channels for s in self.stages]
         check_scheme(INTEGRATORS.get(self.integrator), RESIDUALS.get(self.residual), self.backprop, widths)
         check_connective(self.connective, widths)
+        check_step_bound(self.step_bound, INTEGRATORS.get(self.integrator), RESIDUALS.get(self.residual))
         h, w = self.image_size
         shrink = 2 ** (len(self.stages) - 1)
         if h % shrink or w % shrink:
@@ -137,9 +140,10 @@ class ODEBlock(nn.Module):
         self.backprop = backprop
         self.T = float(T)
         self.params = nn.ParameterDict()
-        # probe(j, state): called before each residual evaluation of step j (explicit
-        # integrators only); set only inside step_hook(), None otherwise.
+        # probe(j, state): called before each residual evaluation of step j (explicit integrators), or
+        # with the whole state y_j before step j (reversible schemes); set only inside step_hook().
         self.probe: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.norm_memory: Dict[str, torch.Tensor] = {}  # bound_steps_'s warm power-iteration vectors
         self._build(layers)
 
     def _build(self, layers: int) -> None:
@@ -173,6 +177,17 @@ class ODEBlock(nn.Module):
         """``(N,)``: how far along its stability limit each step is, h^p rho_j / limit (below 1: stable);
         None where the integrator states no condition for this residual (:func:`~msnet.core.reversible.step_ratios`)."""
         return step_ratios(self.integrator, self.residual, self.step_parameters(), self.h)
+
+    def bound_steps_(self, max_ratio: float) -> None:
+        """Scale, in place, the stencils of every step whose :meth:`step_ratios` exceeds ``max_ratio`` down to it.
+
+        The projection onto the integrator's step-size condition (e.g. leapfrog's h^2 ||K_j||^2 / 4 <= max_ratio,
+        h ||K_j|| <= 2 sqrt(max_ratio)) that training applies after every update (``model.step_bound``).
+        The norms come from power iterations kept warm in :attr:`norm_memory` (at least two per call after the
+        first's 30, more while the stencils move fast): 6-31 % of an Adam step's CPU time on the leapfrog
+        preset's widths in the first steps (measured 2026-12-02, docs). No-op where no condition applies.
+        """
+        stabilise_(self.integrator, self.residual, self.step_parameters(), self.h, max_ratio, self.norm_memory)
 
     def step_parameters(self) -> Dict[str, nn.Parameter]:
         """The per-step parameters by name, each ``(N, *shape)``."""
@@ -208,7 +223,7 @@ class ODEBlock(nn.Module):
             scales = None if survival is None else _step_scales(survival, self.training)
             params = self.step_parameters()
             return odeint_scheme(self.integrator, self.residual, y, self.h, params, scales, self.backprop,
-                                 self.reversible_tf32)
+                                 self.reversible_tf32, self.probe)
         res_names = list(self.residual.shapes())
         res = [self.params[k] for k in res_names]
         own = {k: self.params[k] for k in self.integrator.shapes()}
@@ -386,7 +401,9 @@ class ODEResNet(nn.Module):
     def step_hook(self, hook_for: Callable[[int], Callable[[int, torch.Tensor], None]]) -> Iterator[None]:
         """Inside, stage s calls ``hook_for(s)(j, state)`` before each residual evaluation of its step j, with
         the state ``(B, C, H, W)`` F is about to see (explicit integrators; msnet.multigrid.datafit reads and
-        refits each step's stencil there). Cleared on the way out, also after an exception."""
+        refits each step's stencil there), or once before step j with the whole state y_j (reversible schemes,
+        both backprops; :func:`~msnet.core.reversible.odeint_scheme`). Cleared on the way out, also after an
+        exception."""
         try:
             for s, block in enumerate(self.blocks):
                 block.probe = hook_for(s)
@@ -395,15 +412,50 @@ class ODEResNet(nn.Module):
             for block in self.blocks:
                 block.probe = None
 
+    @contextlib.contextmanager
+    def state_norms(self) -> Iterator[List[float]]:
+        """Inside, record per stage the largest RMS state through depth; yields that list, filled on the way out.
+
+        The RMS of one image's state ``(C, H, W)`` is ||y||_2 / sqrt(C H W) (so stages of different widths
+        and resolutions compare); the list's entry s is its largest value over the images of every forward
+        pass inside, over stage s's states y_0, ..., y_N (:meth:`step_hook` before each step, on every
+        integrator, reversible ones included; the block's output for y_N). A stable network keeps it near
+        the opening layer's (O(1)); a blow-up through depth shows as growth by orders of magnitude.
+        Reductions stay on the device until the exit (no host synchronisation per step).
+        """
+        peaks: List[Optional[torch.Tensor]] = [None] * len(self.blocks)
+        out = [0.0] * len(self.blocks)
+
+        def seen(s: int, y: torch.Tensor) -> None:
+            rms = y.detach().flatten(1).float().norm(dim=1).max() / math.sqrt(y[0].numel())
+            peaks[s] = rms if peaks[s] is None else torch.maximum(peaks[s], rms)
+
+        handles = [b.register_forward_hook(lambda _m, _i, y, s=s: seen(s, y)) for s, b in enumerate(self.blocks)]
+        try:
+            with self.step_hook(lambda s: lambda j, y: seen(s, y)):
+                yield out
+        finally:
+            for h in handles:
+                h.remove()
+            out[:] = [0.0 if p is None else float(p) for p in peaks]
+
     def step_ratios(self) -> List[Optional[float]]:
         """Per stage, the largest h^p rho_j / limit over its steps (:meth:`ODEBlock.step_ratios`): below 1 every
         frozen linearised step is stable at every state; None where no condition applies.
 
         A new network starts at most at 1/2 (:func:`~msnet.core.reversible.stabilise_`). Training does not
-        keep it there, and need not: the trained presets that learn best reach 6-9 (README, "Does every
-        preset learn?"), with states that stay bounded, since the bound takes sigma' = 1 at every state."""
+        keep it there unless ``model.step_bound`` says so (:meth:`bound_steps_`), and mostly need not: the
+        presets reach 4-8 after one epoch (scripts/bench/bench_presets.py) with states that stay bounded
+        (:meth:`state_norms`), since the bound takes sigma' = 1 at every state."""
         ratios = [b.step_ratios() for b in self.blocks]
         return [None if r is None else float(r.max()) for r in ratios]
+
+    def bound_steps_(self) -> None:
+        """Keep every stage's step ratios at most ``spec.step_bound`` (:meth:`ODEBlock.bound_steps_`); the trainer
+        calls it after each update. No-op when the spec sets no bound."""
+        if self.spec.step_bound is not None:
+            for block in self.blocks:
+                block.bound_steps_(self.spec.step_bound)
 
     def survival_probabilities(self) -> Optional[List[torch.Tensor]]:
         """Stochastic depth's p_l per stage, ``(N_stage,)`` float64 each; None when it is off.
@@ -444,6 +496,20 @@ def check_p_last(p_last: float) -> None:
     if not 0.0 < p_last <= 1.0:
         raise MsnetError(
             f"model.stochastic_depth.p_last must be in (0, 1] (1 turns stochastic depth off), got {p_last}"
+        )
+
+
+def check_step_bound(bound: Optional[float], integrator_cls: type, residual_cls: type) -> None:
+    """Fail with one line unless ``model.step_bound`` is null, or in (0, 1] on an integrator with a step-size
+    condition on this residual's spectrum (elsewhere there is nothing to bound)."""
+    if bound is None:
+        return
+    if not 0.0 < bound <= 1.0:
+        raise MsnetError(f"model.step_bound must be in (0, 1] (the largest h^p rho / limit kept), or null; got {bound}")
+    if integrator_cls.step_limit is None or residual_cls.spectrum not in integrator_cls.stable_for:
+        raise MsnetError(
+            f"model.step_bound applies to an integrator with a step-size condition on its field, and "
+            f"{integrator_cls.name!r} has none on residual {residual_cls.name!r}; set model.step_bound=null"
         )
 
 

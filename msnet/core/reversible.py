@@ -21,7 +21,8 @@ stencils (``spectral_bounds``). :func:`step_ratios` compares the two; a new bloc
 each step's stencils so that its ratio is at most 1/2 (:func:`stabilise_`), so a network
 starts stable at every state whatever h its preset has. (Training then leaves that bound
 behind, 6-9 times the limit for the presets that learn best, while their states stay
-bounded: the bound assumes sigma' = 1 everywhere.) The midpoint network's field is ``conv_antisym``
+bounded: the bound assumes sigma' = 1 everywhere. ``model.step_bound`` keeps it: the trainer
+projects every step back onto h^p rho_j / limit <= bound after each update, ``ODEResNet.bound_steps_``.) The midpoint network's field is ``conv_antisym``
 (:class:`ConvAntisym`): on msnet's first field, sigma(K Y + b) with a plain K, no step size is
 stable (its real eigenvalues excite the parasitic root), and the ``midpoint`` preset with it
 reached 9-18 % on Fashion-MNIST; ``model.residual=conv_act`` keeps it for comparison, and
@@ -425,9 +426,9 @@ class HamiltonianResidual(AbstractResidual):
         Y, Z = y.chunk(2, dim=1)
         return torch.cat([self.part("y", Z, theta), self.part("z", Y, theta)], dim=1)
 
-    def spectral_bounds(self, params: Params) -> torch.Tensor:
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """||K1|| ||K2|| per step: J = [[0, M1], [-M2, 0]], M_i = K_i^T D_i K_i, has rho(J)^2 = rho(M1 M2) <= ||M1|| ||M2||."""
-        return conv_norm(params["K1"]) * conv_norm(params["K2"])
+        return conv_norm(params["K1"], memory=memory, key="K1") * conv_norm(params["K2"], memory=memory, key="K2")
 
 
 @RESIDUALS.register("conv_sym")
@@ -459,9 +460,9 @@ class ConvSym(AbstractResidual):
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return -sym_conv(y, theta["K"], theta["b"], self.activation)
 
-    def spectral_bounds(self, params: Params) -> torch.Tensor:
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """||K||^2 per step: rho(K^T D K) <= ||K||^2 for 0 <= D <= I."""
-        return conv_norm(params["K"]) ** 2
+        return conv_norm(params["K"], memory=memory) ** 2
 
 
 def antisym_stencil(K: torch.Tensor) -> torch.Tensor:
@@ -521,9 +522,9 @@ class ConvAntisym(AbstractResidual):
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return self.activation(F.conv2d(y, antisym_stencil(theta["K"]), theta["b"], padding=1))
 
-    def spectral_bounds(self, params: Params) -> torch.Tensor:
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """||K - K^T|| per step: rho(D A) <= ||A||."""
-        return conv_norm(antisym_stencil(params["K"]))
+        return conv_norm(antisym_stencil(params["K"]), memory=memory)
 
 
 INIT_STEP_RATIO = 0.5
@@ -531,33 +532,34 @@ INIT_STEP_RATIO = 0.5
 
 
 def step_ratios(integrator: AbstractIntegrator, residual: AbstractResidual, params: Params,
-                h: float) -> Optional[torch.Tensor]:
+                h: float, memory: Optional[Dict[str, torch.Tensor]] = None) -> Optional[torch.Tensor]:
     """h^p rho_j / step_limit for each step j of stacked ``params`` ``(N, *shape)``: ``(N,)``, float64.
 
     Below 1 the frozen linearised step j is stable (the integrator's condition, with rho_j the
     residual's bound on rho(J)). None where no condition applies: the integrator states none,
     the residual's spectrum is not one the scheme is stable on (:func:`scheme_note`; no h helps
-    there), or the residual has no bound.
+    there), or the residual has no bound. ``memory``: warm-started norm estimates (:func:`conv_norm`).
     """
     if integrator.step_limit is None or residual.spectrum not in integrator.stable_for:
         return None
-    rho = residual.spectral_bounds({k: params[k] for k in residual.shapes()})
+    rho = residual.spectral_bounds({k: params[k] for k in residual.shapes()}, memory)
     if rho is None:
         return None
     return h**integrator.step_power * rho / integrator.step_limit
 
 
 def stabilise_(integrator: AbstractIntegrator, residual: AbstractResidual, params: Params, h: float,
-               target: float = INIT_STEP_RATIO) -> None:
+               target: float = INIT_STEP_RATIO, memory: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Scale the kernels of each step whose :func:`step_ratios` exceeds ``target`` down to ``target``, in place.
 
     For a new block: PyTorch's default scale puts ||K|| near 1.17 whatever the width, so a step
     of h = 1 starts at 1.7 of the midpoint's limit with ``conv_antisym`` (unstable) and at 0.68
     of symplectic Euler's with ``hamiltonian``; at h = T/N <= 1/4 nothing changes. A step's
     kernels are scaled by (target / ratio)^(1 / kernel_degree), which scales its bound by
-    target / ratio.
+    target / ratio. During training (``model.step_bound``, :meth:`ODEBlock.bound_steps_`) the same
+    projection runs after every update, with ``memory`` keeping the norm estimates warm.
     """
-    ratios = step_ratios(integrator, residual, params, h)
+    ratios = step_ratios(integrator, residual, params, h, memory)
     if ratios is None:
         return
     factor = (target / ratios).clamp(max=1.0) ** (1.0 / residual.kernel_degree)
@@ -666,7 +668,7 @@ class PrecisionState:
 def odeint_scheme(
     scheme: ReversibleScheme, residual: AbstractResidual, y0: torch.Tensor, h: float,
     params: Dict[str, torch.Tensor], scales: Optional[Sequence[float]] = None, backprop: str = "store",
-    tf32: bool = False,
+    tf32: bool = False, probe: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
     """y_N from y_0 ``(B, C, H, W)`` with ``scheme`` on ``residual``, N = ``params[*].shape[0]`` steps of size h.
 
@@ -674,7 +676,8 @@ def odeint_scheme(
     ``(N, *shape)`` each. ``scales`` ``(N,)``: a factor on step j's F terms (stochastic
     depth's gate or its mean), ``None`` for 1. ``backprop="store"`` keeps autograd's
     graph of every step; ``"reversible"`` keeps only the final state and rebuilds the
-    rest in backward (see the module docstring).
+    rest in backward (see the module docstring). ``probe(j, y_j)``, if given, sees the whole state
+    ``(B, C, H, W)`` before each step j (in the forward only; a reversible backward's rebuilt states do not).
     """
     names = list(params)
     stacked = [params[k] for k in names]
@@ -683,9 +686,11 @@ def odeint_scheme(
     y0 = state_dtype(y0, stacked[0].dtype)
     needs_graph = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in stacked))
     if backprop == "reversible" and needs_graph:
-        return _ReversibleSolve.apply(scheme, residual, h, scales, names, tf32, y0, *stacked)
+        return _ReversibleSolve.apply(scheme, residual, h, scales, names, tf32, probe, y0, *stacked)
     state = scheme.start(y0)
     for j in range(n):
+        if probe is not None:
+            probe(j, scheme.finish(state))
         theta = {k: p[j] for k, p in zip(names, stacked)}
         state = scheme.step(residual_evaluator(residual, theta), j, h, state, scales[j])
     return scheme.finish(state)
@@ -695,12 +700,14 @@ class _ReversibleSolve(torch.autograd.Function):
     """One stage with reversible backprop; saves the final state and the stacked parameters only."""
 
     @staticmethod
-    def forward(ctx, scheme, residual, h, scales, names, tf32, y0, *stacked):  # type: ignore[override]
+    def forward(ctx, scheme, residual, h, scales, names, tf32, probe, y0, *stacked):  # type: ignore[override]
         n = stacked[0].shape[0]
         ctx.precision = PrecisionState.capture(y0.device, tf32)
         with torch.no_grad(), ctx.precision.replay():
             state = scheme.start(y0)
             for j in range(n):
+                if probe is not None:
+                    probe(j, scheme.finish(state))
                 theta = {k: p[j] for k, p in zip(names, stacked)}
                 state = scheme.step(residual_evaluator(residual, theta), j, h, state, scales[j])
             out = scheme.finish(state)
@@ -733,9 +740,9 @@ class _ReversibleSolve(torch.autograd.Function):
             for i, gi in enumerate(g_theta):
                 per_step[i].append(torch.zeros_like(theta[i]) if gi is None else gi)
         g_y0 = None
-        if ctx.needs_input_grad[6]:
+        if ctx.needs_input_grad[7]:
             with torch.enable_grad():
                 y0 = scheme.finish(state).detach().requires_grad_(True)
                 (g_y0,) = torch.autograd.grad(scheme.start(y0), y0, g, allow_unused=True)
         g_params = [torch.stack(steps[::-1]) for steps in per_step]
-        return (None, None, None, None, None, None, g_y0, *g_params)
+        return (None, None, None, None, None, None, None, g_y0, *g_params)

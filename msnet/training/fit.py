@@ -73,8 +73,12 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
     Each epoch is one pass of :func:`~msnet.training.loop.train_epoch` over the training set
     (``evals_per_epoch`` > 1: over a fresh random split of it into that many chunks, with a
     validation pass after each chunk; a level's last epoch covers ``level.share`` of it, :func:`epoch_parts`). Appends each epoch's row to ``state.history`` and yields it.
+    Where the network's spec sets ``step_bound`` (``model.step_bound``), its
+    :meth:`~msnet.core.network.ODEResNet.bound_steps_` runs after every update.
     """
     rule, model = state.rule, state.model
+    bound = getattr(getattr(model, "spec", None), "step_bound", None)
+    after_update = model.bound_steps_ if bound is not None else None
     has_val = bool(data.sizes()["val"])
     n_train = data.sizes()["train"]
     for level_epoch in range(state.level_epoch + 1, level.epochs + 1):
@@ -96,7 +100,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
 
             result = train_epoch(model, rule, x, y, trainer.batch_size, state.generator, log_every=trainer.log_every,
                                  on_progress=on_progress if progress else None, epoch=state.epoch, on_step=on_step,
-                                 shard=shard)
+                                 shard=shard, after_update=after_update)
             loss, acc = loss + result.loss * result.samples, acc + result.acc * result.samples
             seconds, samples = seconds + result.seconds, samples + result.samples
             last = c == len(parts)

@@ -50,6 +50,7 @@ def train_epoch(
     penalty: Optional[Callable[[], torch.Tensor]] = None,
     on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
     shard: Optional["Shard"] = None,
+    after_update: Optional[Callable[[], None]] = None,
 ) -> EpochResult:
     """One pass over ``(x, y)`` in shuffled mini-batches, each handed to ``update``.
 
@@ -65,6 +66,9 @@ def train_epoch(
     same global batches, steps on its own slice with the loss weight that makes DDP's averaged
     gradient the global batch's, and the running sums are all-reduced at each read-back, so
     the numbers reported (and the non-finite check) are the global ones on every rank.
+
+    ``after_update()`` runs after every update (a projection of the weights, e.g. the network's
+    :meth:`~msnet.core.network.ODEResNet.bound_steps_` for ``model.step_bound``).
     """
     if isinstance(update, torch.optim.Optimizer):
         update = FirstOrder(model, update, grad_clip=grad_clip, penalty=penalty)
@@ -80,6 +84,8 @@ def train_epoch(
         if shard is not None:
             xb, yb, update.loss_weight = shard.split(xb, yb)
         out = update.step(xb, yb)
+        if after_update is not None:
+            after_update()
         loss_sum += out.loss * yb.shape[0]
         correct += (out.logits.argmax(1) == yb).sum()
         seen += yb.shape[0]

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from msnet import MsnetError
 from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth,
                          resolve_dtype)
-from msnet.core.network import check_connective, check_p_last
+from msnet.core.network import check_connective, check_p_last, check_step_bound
 from msnet.core.reversible import check_scheme, scheme_note
 from msnet.data import DATASETS, DataBundle
 from msnet.runs import load_checkpoint
@@ -109,6 +109,13 @@ def check_architecture(model_cfg: Any) -> None:
     backprop = OmegaConf.select(model_cfg, "backprop", default="store")
     check_scheme(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual), backprop, widths)
     check_connective(OmegaConf.select(model_cfg, "connective", default="conv"), widths)
+    check_step_bound(step_bound(model_cfg), INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual))
+
+
+def step_bound(model_cfg: Any) -> Optional[float]:
+    """``model.step_bound`` as a float, or None (off; also for configs saved before it existed)."""
+    value = OmegaConf.select(model_cfg, "step_bound", default=None)
+    return None if value is None else float(value)
 
 
 def stability_notes(model_cfg: Any) -> List[str]:
@@ -134,6 +141,7 @@ def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
         stochastic_depth=StochasticDepth(stochastic_depth_p_last(model_cfg)),
         connective=str(OmegaConf.select(model_cfg, "connective", default="conv")),
         backprop=str(OmegaConf.select(model_cfg, "backprop", default="store")),
+        step_bound=step_bound(model_cfg),
     )
     spec.validate()
     return spec

@@ -39,15 +39,21 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+import msnet.conf
+from msnet.config import compose_config
 from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, build_model, resolve_device
 
-PAPER_RESIDUAL = {"hamiltonian": "hamiltonian", "leapfrog": "conv_sym", "midpoint": "conv_act"}
+PRESETS = Path(msnet.conf.__file__).parent / "model"
 
 
 def residual_for(name: str) -> str:
-    """The paper's field for ``name``; else conv_act, or a residual with the parts the scheme needs."""
-    if name in PAPER_RESIDUAL:
-        return PAPER_RESIDUAL[name]
+    """The field of the model preset that steps with integrator ``name`` (``conf/model/NAME.yaml``: hamiltonian,
+    midpoint's stable conv_antisym, leapfrog's conv_sym), composed as ``msnet train model=NAME`` composes it;
+    else conv_act, or a residual with the parts the scheme needs."""
+    if (PRESETS / f"{name}.yaml").exists():
+        model = compose_config([f"model={name}"]).model
+        if model.integrator == name:
+            return str(model.residual)
     needs = set(getattr(INTEGRATORS.get(name), "parts", ()))
     if not needs:
         return "conv_act"

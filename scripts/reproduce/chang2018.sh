@@ -5,13 +5,14 @@
 #   1. the three reversible networks (Hamiltonian, Midpoint, Leapfrog; trained with
 #      model.backprop=reversible) against a ResNet of the same size (forward Euler, same units,
 #      widths, steps and about the same number of weights), on a training set (all of it in --full);
+#      plus midpoint_plain, the midpoint rule on the plain field sigma(K Y + b), for comparison;
 #   2. the same four networks trained on subsets of the training data (dataset.train_subset),
 #      the paper's "fewer training data" experiment.
 #
 # Every run is a real `msnet train ... hydra.run.dir=OUT/...`; the tables are built from the
 # runs' summary.json files. The paper's CIFAR accuracies are printed beside msnet's (see PAPER below).
 #
-#   scripts/reproduce/chang2018.sh            about 15-20 min on this project's 2-core CPU machine:
+#   scripts/reproduce/chang2018.sh            about 20-25 min on this project's 2-core CPU machine (5 nets):
 #                                             Fashion-MNIST (offline), half-width nets with 4 steps per
 #                                             unit, 3 epochs on 10,000 images; subsets of 500 and 2,000
 #                                             images (10 and 4 epochs); estimated from measured step times,
@@ -44,7 +45,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE="$2"; shift ;;
     --threads) THREADS="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "reproduce_chang2018: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -83,10 +84,13 @@ net_overrides() {
     resnet)      echo "model=midpoint model.name=resnet model.integrator=euler model.widths=$NET_WIDTHS" ;;
     hamiltonian) echo "model=hamiltonian model.widths=$HAM_WIDTHS model.backprop=reversible" ;;
     midpoint)    echo "model=midpoint model.widths=$NET_WIDTHS model.backprop=reversible" ;;
+    midpoint_plain) echo "model=midpoint model.residual=conv_act model.widths=$NET_WIDTHS model.backprop=reversible" ;;
     leapfrog)    echo "model=leapfrog model.widths=$NET_WIDTHS model.backprop=reversible" ;;
   esac
 }
-NETS="resnet hamiltonian midpoint leapfrog"
+# midpoint_plain: the midpoint rule on msnet's first field sigma(K Y + b) (conv_act, tanh), on which no step size
+# is stable (conf/model/midpoint.yaml); the comparison row for the stable conv_antisym midpoint.
+NETS="resnet hamiltonian midpoint midpoint_plain leapfrog"
 
 run() {  # run DIR EPOCHS SUBSET NET
   local dir=$1 epochs=$2 subset=$3 net=$4
@@ -126,6 +130,7 @@ PAPER = {
     "resnet": ("ResNet-32", None, None),
     "hamiltonian": ("Hamiltonian-74", None, None),
     "midpoint": ("MidPoint (paper's size)", None, None),
+    "midpoint_plain": ("(plain-field midpoint)", None, None),
     "leapfrog": ("LeapFrog (paper's size)", None, None),
 }
 
@@ -140,17 +145,17 @@ def pct(x):
 
 
 print(f"\nTable 1: test accuracy (%), {dataset}, training images: {train}")
-print(f"{'net':<12} {'params':>8} {'msnet test':>10} {'val':>7} {'time s':>7} | {'paper net':<24} {'C-10':>6} {'C-100':>6}")
+print(f"{'net':<14} {'params':>8} {'msnet test':>10} {'val':>7} {'time s':>7} | {'paper net':<24} {'C-10':>6} {'C-100':>6}")
 for net in nets:
     s = summary(out / "all" / net) or {}
     name, c10, c100 = PAPER[net]
-    print(f"{net:<12} {s.get('parameters', 0):>8} {pct(s.get('final_test_acc')):>10} {pct(s.get('final_val_acc')):>7} "
+    print(f"{net:<14} {s.get('parameters', 0):>8} {pct(s.get('final_test_acc')):>10} {pct(s.get('final_val_acc')):>7} "
           f"{s.get('wall_time_s', float('nan')):>7.0f} | {name:<24} {pct(c10):>6} {pct(c100):>6}")
 if subsets:
     print(f"\nTable 2: test accuracy (%) with fewer training images, {dataset}")
-    print(f"{'net':<12} " + " ".join(f"{n:>8}" for n in subsets) + f" {train:>8}")
+    print(f"{'net':<14} " + " ".join(f"{n:>8}" for n in subsets) + f" {train:>8}")
     for net in nets:
         row = [summary(out / f"subset_{n}" / net) or {} for n in subsets] + [summary(out / "all" / net) or {}]
-        print(f"{net:<12} " + " ".join(f"{pct(s.get('final_test_acc')):>8}" for s in row))
+        print(f"{net:<14} " + " ".join(f"{pct(s.get('final_test_acc')):>8}" for s in row))
 print(f"\nruns: {out}/*/*/summary.json (msnet report {out} lists them all)")
 EOF
