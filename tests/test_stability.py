@@ -215,6 +215,22 @@ def test_a_run_notes_an_unstable_pairing_from_its_config(compose_cfg):
     assert "model.residual=conv_antisym" in line
 
 
+def test_a_long_leapfrog_or_hamiltonian_stage_is_told_its_bound(compose_cfg):
+    """T = 16 (h = 1) leapfrog/Hamiltonian stages did not learn unbounded: the run names the bound for its N."""
+    def notes(*overrides):
+        return stability_notes(compose_cfg("train", list(overrides)).model)
+
+    (line,) = notes("model=leapfrog", "model.layers=16", "model.T=16")
+    assert "model.step_bound=0.0625" in line and "\n" not in line
+    (line,) = notes("model=hamiltonian", "model.layers=16", "model.T=16")
+    assert "model.step_bound=0.188" in line
+    (line,) = notes("model=leapfrog", "model.backprop=reversible", "model.layers=64", "model.T=64")
+    assert "model.step_bound=0.0039" in line
+    assert notes("model=leapfrog", "model.layers=16", "model.T=16", "model.step_bound=0.0625") == []
+    assert notes("model=leapfrog", "model.layers=16", "model.T=6") == []  # a short stage, finer steps
+    assert notes("model=midpoint", "model.layers=16", "model.T=16") == []  # learned unbounded (conv_antisym)
+
+
 def _states(model, x):
     """Every stage's states y_0 .. y_N of one forward pass, by hand: the step hook's, then the block's output."""
     seen = {s: [] for s in range(len(model.blocks))}

@@ -123,7 +123,31 @@ def stability_notes(model_cfg: Any) -> List[str]:
     it is not stable on at any step size (:func:`~msnet.core.reversible.scheme_note`), e.g. the plain
     ``model=midpoint model.residual=conv_act`` kept for comparison. One line each, naming the stable fields."""
     note = scheme_note(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual))
-    return [note] if note else []
+    return ([note] if note else []) + long_stage_notes(model_cfg)
+
+
+# Integrators whose stages drifted and did not learn once T was long (measured 2026-12-02, docs/methods/reversible.md
+# "Deep leapfrog"): a per-step bound that keeps T ||K|| about fixed, as a function of the steps N per stage.
+# Leapfrog: h^2 ||K||^2 / 4 <= 16 / N^2 (T ||K|| <= 8); Hamiltonian: h ||K1|| ||K2|| / 2 <= 3 / N.
+LONG_STAGE_BOUNDS = {"leapfrog": lambda n: 16.0 / n ** 2, "hamiltonian": lambda n: 3.0 / n}
+LONG_STAGE_T = 8.0  # the presets (T = 6) learn unbounded; T = 16 stayed at 10 % without a bound
+
+
+def long_stage_notes(model_cfg: Any) -> List[str]:
+    """One warning for a leapfrog or Hamiltonian stage longer than ``LONG_STAGE_T`` with no ``model.step_bound``.
+
+    Such a stage conserves an energy that lets relu states coast, so the state drifts like T (||K|| |y_0| + |b|)
+    and the output's sensitivity to a step's bias like T^2: at T = 16, h = 1 the first Adam step threw the loss
+    from 2.8 to 93 while every step stayed inside its step-size condition. Bounding each step's ratio by
+    ``LONG_STAGE_BOUNDS`` (T ||K|| about fixed) made it learn; the line names that bound for this N.
+    """
+    bound = LONG_STAGE_BOUNDS.get(str(model_cfg.integrator))
+    if bound is None or step_bound(model_cfg) is not None or float(model_cfg.T) <= LONG_STAGE_T:
+        return []
+    n = int(model_cfg.layers)
+    return [f"model.T={float(model_cfg.T):g} with the {model_cfg.integrator} integrator: stages this long drifted and did "
+            f"not learn here without a bound; add model.step_bound={min(1.0, bound(n)):.3g} (keeps T ||K|| about fixed "
+            f"for {n} steps), or use model.T<={LONG_STAGE_T:g}"]
 
 
 def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
