@@ -59,7 +59,7 @@ class Step:
 
     name: str
     title: str
-    cap_s: float  # timeout of a real run; a dry run's is cap_s / 10, at least 20 s
+    cap_s: float  # timeout of a real run; a dry run's is cap_s / 10, at least 60 s (toy steps take 2-8 s alone, several times that beside other jobs)
     run: Callable[["Context", Path], int]
 
 
@@ -349,7 +349,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, under a minute; docs untouched")
     ap.add_argument("--out", type=Path, default=None, help="folder for gpu_check.md/.json/.log")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all steps (real 450, dry 100)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all steps (real 450, dry 140)")
     ap.add_argument("--only", default=None, help="comma-separated step names (env always runs)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (gpu_check.sh makes one)")
     ap.add_argument("--publish", type=Path, default=None, metavar="DIR",
@@ -367,7 +367,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / f"msnet-gpu-check-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    budget = args.budget or (100.0 if dry else 450.0)
+    budget = args.budget or (140.0 if dry else 450.0)
     fashion_dirs = [os.environ.get("MSNET_FASHION_DIR"), "/usr/share/datasets/fashion-mnist"]
     staged = Path(os.environ.get("MSNET_DATA", "~/.cache/msnet/data")).expanduser() / "FashionMNIST/raw/train-images-idx3-ubyte"
     fashion = staged.exists() or any(d and Path(d, "train-images-idx3-ubyte.gz").exists() for d in fashion_dirs)
@@ -402,7 +402,7 @@ def main() -> int:
     for i, step in enumerate(steps):
         # each later step keeps min_s of the budget; this one gets at least min_s while that much is left
         left = budget - (time.perf_counter() - t0)
-        cap = max(20.0, step.cap_s / 10) if dry else step.cap_s
+        cap = max(60.0, step.cap_s / 10) if dry else step.cap_s
         timeout = min(cap, left if left < min_s else max(min_s, left - min_s * (len(steps) - i - 1)))
         start = log.stat().st_size
         with log.open("a") as f:
