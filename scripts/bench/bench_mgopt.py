@@ -128,13 +128,24 @@ def configs(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
 
 
 def traced(label: str, state: Any, points: Iterator[Point], budget_fge: float,
-           trace: List[Dict[str, Any]]) -> Iterator[None]:
+           trace: List[Dict[str, Any]], fine_layers: int) -> Iterator[None]:
     """Append each evaluation to ``trace`` with the work so far (a multilevel rule's count, else 1 FGE per batch),
-    yielding after each; stop once ``budget_fge`` is spent."""
+    yielding after each; stop once ``budget_fge`` is spent.
+
+    Nested iteration (a multilevel run with ``+depth=doubling`` in its extra overrides) builds a new rule at each
+    depth, whose count is in gradients of *that* depth: the work of a finished depth level is kept and every count
+    is scaled by its depth / ``fine_layers`` (a gradient of d layers costs d / fine_layers FGE)."""
+    done, rule, work, scale = 0.0, None, 0.0, 1.0
     for p in points:
-        fge = float(getattr(state.rule, "work_fge", p["batches"]))
+        if not hasattr(state.rule, "work_fge"):
+            fge = float(p["batches"])
+        else:
+            if state.rule is not rule:  # a new depth level: bank the previous level's work
+                done, rule, scale = done + work * scale, state.rule, p["layers"] / fine_layers
+            work = float(state.rule.work_fge)
+            fge = done + work * scale
         trace.append({"run": label, "batches": p["batches"], "epochs": p["epoch"], "fge": fge,
-                      "train_s": p["train_s"], "val_acc": p["val_acc"]})
+                      "train_s": p["train_s"], "val_acc": p["val_acc"], "layers": p["layers"]})
         yield
         if fge >= budget_fge - 1e-9:
             return
@@ -158,7 +169,7 @@ def main() -> None:
     for label, cfg in cfgs.items():
         state, pts = run(cfg, data, evals)
         runs.append(traced(label, state, pts, budget if label.startswith("single") else args.budget_factor * budget,
-                           traces[label]))
+                           traces[label], args.layers))
     console = RunConsole()
     console.console.width = max(console.console.width, 150)  # the result table has ten columns
     depths = [d[0] for d in coarse_depths([args.layers], args.levels)]  # steps per level, coarsest first
@@ -185,7 +196,8 @@ def report(console: RunConsole, args: argparse.Namespace, traces: Dict[str, List
     plateaus = {k: sum(r["val_acc"] for r in traces[k][-3:]) / len(traces[k][-3:]) for k in singles}
     best_lr = max(plateaus, key=plateaus.get)
     target = plateaus[best_lr] - 0.005
-    hits = {k: first_hit(t, target) for k, t in traces.items()}
+    # a nested-iteration run reaches the target only at the full depth, as bench_depth counts the cascade
+    hits = {k: first_hit([r for r in t if r["layers"] == args.layers], target) for k, t in traces.items()}
     reached = [k for k in singles if hits[k]]
     base = min(reached, key=lambda k: (hits[k]["fge"], hits[k]["train_s"])) if reached else None
     rows = []
