@@ -89,7 +89,14 @@ def test_bench_mgopt_nested_iteration_banks_each_depths_work_at_its_cost(tmp_pat
     report, lines = bench("bench_mgopt", ["--method", "mgopt", "--layers", 4, "--levels", 2, "--channels", 2,
                                           "--train-subset", 256, "--val-size", 100, "--epochs", 3, "--eval-every", 1,
                                           "--budget-factor", 3, "--mgopt-extra", "+depth=doubling", "depth.start=2",
-                                          "depth.stop=4", "depth.sizing=epochs", "depth.epochs=[1,2]"], tmp_path)
+                                          "depth.stop=4", "depth.sizing=epochs", "depth.epochs=[1,2]",
+                                          "--cascade-extra", "+depth=doubling", "depth.start=2", "depth.stop=4",
+                                          "depth.sizing=epochs", "depth.epochs=[1,2]"], tmp_path)
+    cascade = report["traces"]["cascade"]  # the single-level control: one gradient of the current depth per batch
+    steps = [(p["layers"], b["fge"] - a["fge"], b["batches"] - a["batches"]) for a, b, p in
+             zip(cascade, cascade[1:], cascade[1:]) if b["batches"] > a["batches"]]
+    assert {d for d, _, _ in steps} == {2, 4}
+    assert all(df == pytest.approx(db * d / 4) for d, df, db in steps)
     trace = report["traces"]["MG/OPT"]
     assert [p["layers"] for p in trace][:4] == [2, 2, 2, 4]
     fge = [p["fge"] for p in trace]
@@ -101,4 +108,4 @@ def test_bench_mgopt_nested_iteration_banks_each_depths_work_at_its_cost(tmp_pat
     row = next(r for r in report["rows"] if r["run"] == "MG/OPT")
     hit = next((p for p in trace if p["layers"] == 4 and p["val_acc"] >= report["target"]), None)
     assert row["fge_to_target"] == (round(hit["fge"], 1) if hit else None)  # the target counts at full depth only
-    assert lines[-1].startswith("MG/OPT:")
+    assert lines[-2].startswith("MG/OPT:") and lines[-1].startswith("cascade:")

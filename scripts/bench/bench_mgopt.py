@@ -13,6 +13,10 @@ level loop ``msnet.training.fit.run_levels`` through ``scripts/bench/_harness.py
   ``--lr``, settings from the flags and ``--mgopt-extra``);
 * rmtr: ``msnet train trainer=rmtr`` (one RMTR V-cycle per mini-batch, L-SR1 trust region, ``--levels``,
   ``--radius``, ``--window-max`` and ``--rmtr-extra``);
+* cascade (with ``--cascade-extra OVERRIDES``): single-level training at ``--lr`` with OVERRIDES, e.g. the
+  depth cascade ``+depth=doubling ...``, the control for a nested-iteration multilevel run (the same overrides in
+  ``--mgopt-extra`` / ``--rmtr-extra``: MG/OPT or RMTR started from the shallower networks); a gradient of d
+  layers counts d / ``--layers`` FGE, and the target counts only at the full depth;
   each multilevel run (``--method``) is stopped once it has spent ``--budget-factor`` times the single runs' work.
 
 Work is counted in fine-gradient equivalents (FGE; msnet.training.mgopt's docstring): a single run
@@ -89,6 +93,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--window-max", type=int, default=4, help="RMTR's largest sample, in mini-batches")
     ap.add_argument("--mgopt-extra", nargs="*", default=[], help="more overrides for the MG/OPT run")
     ap.add_argument("--rmtr-extra", nargs="*", default=[], help="more overrides for the RMTR run")
+    ap.add_argument("--cascade-extra", nargs="*", default=None,
+                    help="also run single-level training at --lr with these overrides (e.g. +depth=doubling ...): "
+                         "the control for a nested-iteration run, its work counted at each depth's cost")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for bench_mgopt.png and bench_mgopt.json")
@@ -124,6 +131,8 @@ def configs(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
         out["RMTR"] = train_config([*shared, "trainer=rmtr", ml_epochs, f"trainer.levels={args.levels}",
                                     f"trainer.radius={args.radius}", f"trainer.window_max={args.window_max}",
                                     *args.rmtr_extra])
+    if args.cascade_extra is not None:
+        out["cascade"] = train_config([*shared, f"optimizer.lr={args.lr}", ml_epochs, *args.cascade_extra])
     return out
 
 
@@ -136,9 +145,11 @@ def traced(label: str, state: Any, points: Iterator[Point], budget_fge: float,
     depth, whose count is in gradients of *that* depth: the work of a finished depth level is kept and every count
     is scaled by its depth / ``fine_layers`` (a gradient of d layers costs d / fine_layers FGE)."""
     done, rule, work, scale = 0.0, None, 0.0, 1.0
+    batches = 0
     for p in points:
-        if not hasattr(state.rule, "work_fge"):
-            fge = float(p["batches"])
+        if not hasattr(state.rule, "work_fge"):  # one gradient of the current depth per batch
+            done, batches = done + (p["batches"] - batches) * p["layers"] / fine_layers, p["batches"]
+            fge = done
         else:
             if state.rule is not rule:  # a new depth level: bank the previous level's work
                 done, rule, scale = done + work * scale, state.rule, p["layers"] / fine_layers
