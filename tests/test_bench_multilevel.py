@@ -80,3 +80,32 @@ def test_bench_mgopt_tunes_the_baseline_and_prints_each_methods_ratios_last(tmp_
         else:
             assert f"FGE ratio {base} / {k} = {hit(base)['fge'] / hit(k)['fge']:.2f}" in line
             assert f"wall-time ratio = {hit(base)['train_s'] / hit(k)['train_s']:.2f}" in line
+
+
+@pytest.mark.slow
+def test_bench_mgopt_nested_iteration_banks_each_depths_work_at_its_cost(tmp_path):
+    """MG/OPT started from a shallower network (``+depth=doubling`` in ``--mgopt-extra``): the rule is rebuilt at
+    each depth, and the trace keeps the shallow level's work, each cycle at half the depth counting half as much."""
+    report, lines = bench("bench_mgopt", ["--method", "mgopt", "--layers", 4, "--levels", 2, "--channels", 2,
+                                          "--train-subset", 256, "--val-size", 100, "--epochs", 3, "--eval-every", 1,
+                                          "--budget-factor", 3, "--mgopt-extra", "+depth=doubling", "depth.start=2",
+                                          "depth.stop=4", "depth.sizing=epochs", "depth.epochs=[1,2]",
+                                          "--cascade-extra", "+depth=doubling", "depth.start=2", "depth.stop=4",
+                                          "depth.sizing=epochs", "depth.epochs=[1,2]"], tmp_path)
+    cascade = report["traces"]["cascade"]  # the single-level control: one gradient of the current depth per batch
+    steps = [(p["layers"], b["fge"] - a["fge"], b["batches"] - a["batches"]) for a, b, p in
+             zip(cascade, cascade[1:], cascade[1:]) if b["batches"] > a["batches"]]
+    assert {d for d, _, _ in steps} == {2, 4}
+    assert all(df == pytest.approx(db * d / 4) for d, df, db in steps)
+    trace = report["traces"]["MG/OPT"]
+    assert [p["layers"] for p in trace][:4] == [2, 2, 2, 4]
+    fge = [p["fge"] for p in trace]
+    assert all(b >= a for a, b in zip(fge, fge[1:]))  # never reset by the new rule at 4 layers
+    shallow = [b - a for a, b, p in zip(fge, fge[1:], trace[1:]) if p["layers"] == 2]
+    deep = [b - a for (a, q), (b, p) in zip(zip(fge, trace), zip(fge[1:], trace[1:])) if q["layers"] == p["layers"] == 4]
+    assert shallow and deep
+    assert shallow[0] == pytest.approx(deep[0] / 2)  # same cycle, half the layers: half the fine-gradient cost
+    row = next(r for r in report["rows"] if r["run"] == "MG/OPT")
+    hit = next((p for p in trace if p["layers"] == 4 and p["val_acc"] >= report["target"]), None)
+    assert row["fge_to_target"] == (round(hit["fge"], 1) if hit else None)  # the target counts at full depth only
+    assert lines[-2].startswith("MG/OPT:") and lines[-1].startswith("cascade:")
