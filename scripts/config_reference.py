@@ -26,6 +26,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "configuration.md"
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_marked.py, also when a test loads this file by path
+from _marked import MarkedSection  # noqa: E402
+
+SECTION = MarkedSection(PAGE, BEGIN, END, "config_reference")
 COMMANDS = ("train", "evaluate", "transfer", "report")
 GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "pyramid", "depth", "experiment")
 OPTIONAL_GROUPS = ("pyramid", "depth")  # not in train's defaults list: +pyramid=NAME
@@ -151,9 +155,7 @@ def reference() -> str:
 
 def page_section(text: str) -> str:
     """What stands between the markers of a page's text."""
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"config_reference: {PAGE} lacks the markers {BEGIN} / {END}")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    return SECTION.current(text)
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -165,16 +167,7 @@ def main(argv: List[str] | None = None) -> int:
     if args.print:
         sys.stdout.write(new)
         return 0
-    text = PAGE.read_text()
-    if args.check:
-        if page_section(text) != new:
-            print(f"config_reference: {PAGE} is out of date; run scripts/config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    head, rest = text.split(BEGIN, 1)
-    PAGE.write_text(f"{head}{BEGIN}\n{new}{END}{rest.split(END, 1)[1]}")
-    print(f"config_reference: wrote {PAGE}")
-    return 0
+    return SECTION.update(new, args.check)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ from typing import Dict, List, Tuple
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "troubleshooting.md"
 BEGIN, END = "<!-- error-reference:begin -->", "<!-- error-reference:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_marked.py, also when a test loads this file by path
+from _marked import MarkedSection  # noqa: E402
+
+SECTION = MarkedSection(PAGE, BEGIN, END, "error_reference")
 ROOMS = {  # package -> heading, in the order a run meets them
     "msnet": "Registries: unknown names", "commands": "Command line", "training": "Training: configuration, schedules, update rules, resume",
     "data": "Data", "core": "The network", "multigrid": "Transfer between resolutions and depths",
@@ -110,25 +114,14 @@ def reference() -> str:
 
 def page_section(text: str) -> str:
     """What stands between the markers of a page's text."""
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error_reference: {PAGE} lacks the markers {BEGIN} / {END}")
-    return text.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n") + "\n"
+    return SECTION.current(text)
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if docs/troubleshooting.md is out of date")
     args = parser.parse_args(argv)
-    new, text = reference(), PAGE.read_text()
-    if args.check:
-        if page_section(text) != new:
-            print(f"error_reference: {PAGE} is out of date; run scripts/error_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    head, rest = text.split(BEGIN, 1)
-    PAGE.write_text(f"{head}{BEGIN}\n{new}{END}{rest.split(END, 1)[1]}")
-    print(f"error_reference: wrote {PAGE}")
-    return 0
+    return SECTION.update(reference(), args.check)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "bench"
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/_marked.py, also when a test loads this file by path
+from _marked import MarkedSection  # noqa: E402
+
 RESULT_FILES = ("gpu_check.md", "gpu_check.json")
 
 
@@ -327,19 +330,15 @@ def publish(results: Path, docs: Path = REPO / "docs") -> None:
     report = json.loads((results / "gpu_check.json").read_text())
     if report.get("dry_run"):
         raise SystemExit("gpu_check: refusing to publish a dry run into docs/gpu.md")
-    doc_file, target = docs / "gpu.md", docs / "gpu"
-    doc = doc_file.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"gpu_check: {doc_file} lacks the markers {BEGIN} / {END}")
+    section, target = MarkedSection(docs / "gpu.md", BEGIN, END, "gpu_check"), docs / "gpu"
+    section.split()  # a page without its markers stops here, before anything is copied
     target.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         if (results / name).resolve() != (target / name).resolve():
             shutil.copyfile(results / name, target / name)
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
     body = (results / "gpu_check.md").read_text().strip()
-    doc_file.write_text(f"{head}{BEGIN}\n{body}\n\n(JSON: [gpu/gpu_check.json](gpu/gpu_check.json))\n{END}{tail}")
-    print(f"gpu_check: published into {doc_file} and {target}")
+    section.replace(f"{body}\n\n(JSON: [gpu/gpu_check.json](gpu/gpu_check.json))\n")
+    print(f"gpu_check: published into {section.page} and {target}")
 
 
 # ------------------------------------------------------------------------------------------ main
