@@ -321,3 +321,16 @@ def test_real_fashion_run_learns(fashion_cfg, tmp_path):
     assert len(steps) == 2 * math.ceil(1280 / 128)
     # the cycle lowers the fine-level loss on its batch
     assert np.mean([s["loss_after"] < s["loss_before"] for s in steps]) > 0.9
+
+
+def test_a_resumed_hierarchy_keeps_its_saved_depths():
+    """MG/OPT and RMTR refuse, in one line, a checkpoint whose hierarchy has other depths than the run builds."""
+    from types import SimpleNamespace
+
+    from msnet.training.hierarchy import check_saved_depths
+
+    levels = [SimpleNamespace(net=SimpleNamespace(depth=lambda d=d: [d])) for d in (2, 4)]
+    check_saved_depths(levels, [[2], [4]], "MG/OPT", "a.pt")  # the same depths: nothing to say
+    with pytest.raises(MsnetError, match=r"^checkpoint a.pt holds an RMTR hierarchy of depths \[\[4\], \[8\]\], "
+                                         r"this run builds \[\[2\], \[4\]\]; keep trainer.levels as saved$"):
+        check_saved_depths(levels, [[4], [8]], "RMTR", "a.pt")

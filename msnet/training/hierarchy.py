@@ -167,6 +167,15 @@ def hierarchy_parts(model: ODEResNet, depths: List[List[int]], prolongation: str
     return parts
 
 
+def check_saved_depths(levels: List[HierarchyLevel], saved: List[Any], method: str, path: Any) -> None:
+    """A resumed hierarchy must have the depths it was saved with (``saved``: the checkpoint's per-level depths,
+    coarsest first); otherwise one :class:`MsnetError` line naming the fix (``method``: MG/OPT or RMTR)."""
+    depths = [lv.net.depth() for lv in levels]
+    if saved != depths:
+        raise MsnetError(f"checkpoint {path} holds an {method} hierarchy of depths {saved}, "
+                         f"this run builds {depths}; keep trainer.levels as saved")
+
+
 def couple_coarse(fine: HierarchyLevel, coarse: HierarchyLevel, tr: Transfer, g: List[torch.Tensor],
                   xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """Set up the coarse model of ``fine`` at its current weights x_f, whose objective's gradient there is ``g``.

@@ -105,7 +105,7 @@ from msnet import MsnetError
 from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.hierarchy import HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse, hierarchy_parts, move
 from msnet.training.optim import build_optimizer, build_scheduler, check_optimizer
 from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
@@ -366,9 +366,7 @@ class MGOpt(UpdateRule):
         state = ckpt.get("mgopt")
         if not state:
             return
-        if state["depths"] != [lv.net.depth() for lv in self.levels]:
-            raise MsnetError(f"checkpoint {ckpt.get('path')} holds an MG/OPT hierarchy of depths {state['depths']}, "
-                             f"this run builds {[lv.net.depth() for lv in self.levels]}; keep trainer.levels as saved")
+        check_saved_depths(self.levels, state["depths"], "MG/OPT", ckpt.get("path"))
         for lv, saved in zip(self.levels[:-1], state["levels"]):
             lv.optimizer.load_state_dict(saved["optimizer"])
             if lv.scheduler is not None and saved["scheduler"] is not None:

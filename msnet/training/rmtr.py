@@ -105,7 +105,7 @@ from msnet import MsnetError
 from msnet.config import RMTRConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.hierarchy import HierarchyLevel, build_transfers, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.hierarchy import HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse, hierarchy_parts, move
 from msnet.training.setup import stochastic_depth_p_last
 from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
@@ -535,9 +535,7 @@ class RMTR(UpdateRule):
         state = ckpt.get("rmtr")
         if not state:
             return
-        if state["depths"] != [lv.net.depth() for lv in self.levels]:
-            raise MsnetError(f"checkpoint {ckpt.get('path')} holds an RMTR hierarchy of depths {state['depths']}, "
-                             f"this run builds {[lv.net.depth() for lv in self.levels]}; keep trainer.levels as saved")
+        check_saved_depths(self.levels, state["depths"], "RMTR", ckpt.get("path"))
         like = next(self.model.parameters())
         for lv, radius, lsr1, trials, accepted, grads in zip(self.levels, state["radius"], state["lsr1"],
                                                               state["trials"], state["accepted"], state["grad_evals"]):
