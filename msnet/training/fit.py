@@ -77,8 +77,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
     :meth:`~msnet.core.network.ODEResNet.bound_steps_` runs after every update.
     """
     rule, model = state.rule, state.model
-    bound = getattr(getattr(model, "spec", None), "step_bound", None)
-    after_update = model.bound_steps_ if bound is not None else None
+    after_update = model.bound_steps_ if model.spec.step_bound is not None else None
     has_val = bool(data.sizes()["val"])
     n_train = data.sizes()["train"]
     for level_epoch in range(state.level_epoch + 1, level.epochs + 1):
