@@ -101,13 +101,15 @@ def run_command(name: str, task: Callable[[Any], Any], overrides: Sequence[str],
     from hydra.types import HydraContext, RunMode
     from hydra._internal.callbacks import Callbacks
 
+    from msnet.commands import unselected_group_line
+
     args = _checked(name, overrides) + ([f"hydra.run.dir={path_value(run_dir)}"] if run_dir is not None else [])
     with _own_hydra(name) as hydra, _argv([f"msnet {name}", *args]):
         try:  # Hydra's command line adds hydra.mode=RUN to a single run's overrides; so does this
             cfg = hydra.compose_config(config_name=name, overrides=[*args, "hydra.mode=RUN"], run_mode=RunMode.RUN,
                                        with_log_configuration=False)
         except Exception as err:
-            raise MsnetError(hydra_error_line(err, name)) from None
+            raise MsnetError(unselected_group_line(err, args) or hydra_error_line(err, name)) from None
         callbacks = Callbacks(cfg)
         callbacks.on_run_start(config=cfg, config_name=name)
         ret = run_job(hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),

@@ -130,6 +130,10 @@ def test_unknown_group_option_lists_the_choices(tmp_path):
                      "choose one of cifar10, fashion_mnist, mnist, npz, synthetic"], proc.stderr
     proc = msnet("train", "+pyramid=4level", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "choose one of 2level, 2level_block, 3level" in proc.stderr
+    proc = msnet("train", "depth.sizing=cost", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: depth.sizing=cost: the group depth is off, so its keys cannot be set; "
+                                   "select it first, e.g. +depth=doubling depth.sizing=cost")
 
 
 @pytest.mark.slow

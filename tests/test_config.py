@@ -193,3 +193,18 @@ def test_each_option_declares_only_its_own_settings(compose_cfg):
     assert bcd.optimizer.cg_iters == 10 and bcd.optimizer.scheduler == "constant"
     with pytest.raises(HydraException):
         compose_cfg("train", ["trainer.nu1=2"])  # a plain run has no MG/OPT key to set
+
+
+def test_a_key_of_an_optional_group_that_is_off_is_one_line(compose_cfg):
+    """depth.sizing=cost without +depth=...: OmegaConf cannot set a key under the group's null (Hydra asserts);
+    the line says to select the group first, and a selected group takes the key."""
+    from msnet.commands import unselected_group_line
+
+    with pytest.raises(AssertionError) as err:
+        compose_cfg("train", ["depth.sizing=cost"])
+    assert unselected_group_line(err.value, ["depth.sizing=cost"]) == (
+        "depth.sizing=cost: the group depth is off, so its keys cannot be set; select it first, "
+        "e.g. +depth=doubling depth.sizing=cost")
+    assert unselected_group_line(err.value, ["+depth=doubling", "seed=1"]) is None  # no key under an off group
+    assert unselected_group_line(AssertionError("other"), ["depth.sizing=cost"]) is None
+    assert compose_cfg("train", ["+depth=doubling", "depth.sizing=cost"]).depth.sizing.name == "cost"

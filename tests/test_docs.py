@@ -205,6 +205,8 @@ OTHER_ERRORS = [
      ["has no option ", "; choose one of "]),
     ("<override>: <group> is not in the defaults list; add it with a plus: <plus>", "msnet/commands/__init__.py",
      ["is not in the defaults list; add it with a plus: +"]),
+    ("<override>: the group <group> is off, so its keys cannot be set; select it first, e.g. <example>",
+     "msnet/commands/__init__.py", ["is off, so its keys cannot be set; select it first, ", "e.g. +{group}="]),
     ("unknown command <command>; choose one of: <commands> (msnet --help)", "msnet/cli.py", ["unknown command ", "(msnet --help)"]),
 ]
 

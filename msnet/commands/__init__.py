@@ -91,8 +91,9 @@ def composition_errors_as_lines() -> Iterator[None]:
         def composed() -> Any:
             try:
                 return func()
-            except ConfigCompositionException as ex:
-                line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else type_error_line(ex)
+            except (ConfigCompositionException, AssertionError) as ex:
+                line = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else (
+                    type_error_line(ex) or unselected_group_line(ex, sys.argv[1:]))
                 if line is None:
                     raise
                 print(f"error: {line}", file=sys.stderr, flush=True)
@@ -142,6 +143,27 @@ def type_error_line(ex: BaseException) -> Optional[str]:
     meta = node._metadata
     takes = _type_name(meta.ref_type) + (" or null" if meta.optional else "")
     return f"{typed}: {cause.full_key} takes {takes}, e.g. {cause.full_key}={_shown(node._value())}"
+
+
+def unselected_group_line(ex: BaseException, overrides: List[str]) -> Optional[str]:
+    """One line for a key set inside an optional group that is off (``depth.sizing=cost`` without ``+depth=...``).
+
+    The group's node is null until it is selected, OmegaConf cannot set a key under a null, and Hydra stops
+    on an assertion with a traceback; the line says to select the group first. None for any other error.
+    """
+    if not isinstance(ex, AssertionError) or "Unexpected type for root: NoneType" not in str(ex):
+        return None
+    from importlib.resources import files
+
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o and not o.startswith("-")]
+    for override, key in zip([o for o in overrides if "=" in o and not o.startswith("-")], keys):
+        group = key.split(".", 1)[0]
+        folder = files("msnet.conf") / group
+        if "." in key and group not in keys and folder.is_dir():
+            options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+            return (f"{override}: the group {group} is off, so its keys cannot be set; select it first, "
+                    f"e.g. +{group}={options[0]} {override}")
+    return None
 
 
 def _missing_key(full_key: str, keys: List[str]) -> str:
