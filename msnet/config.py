@@ -143,6 +143,7 @@ class ModelConfig:
     connective: Connective = Connective.conv  # between stages: conv (1x1 conv + pool) | pad (pool + zero channels)
     backprop: Backprop = Backprop.store  # store | reversible (rebuild states in backward; reversible integrators)
     step_bound: Optional[float] = None  # in (0, 1]: after each update, every step's h^p rho / limit <= it; null: off
+    init_knots: Optional[int] = None  # time-smooth start: draws at K times, linear in t between (1: constant); null: every step drawn
 
 
 @dataclass

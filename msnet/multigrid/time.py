@@ -24,12 +24,15 @@ dynamical systems view", ICLR 2018.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
 import torch
 
 from msnet import MsnetError
 from msnet.registry import Registry
+
+if TYPE_CHECKING:
+    from msnet.core import ODEResNet
 
 TimeOperator = Callable[[torch.Tensor, int], torch.Tensor]
 """``op(theta, m)``: per-step tensor ``(N, *shape)`` -> ``(m, *shape)`` over the same [0, T]."""
@@ -89,3 +92,36 @@ def restrict_in_time(params: Dict[str, torch.Tensor], n: int, op: str = "injecti
     """Every per-step tensor of a stage moved to ``n`` steps with restriction ``op``."""
     f = TIME_RESTRICTIONS.get(op)
     return {k: f(v.detach(), n) for k, v in params.items()}
+
+
+def smooth_in_time_(model: "ODEResNet", knots: int, op: str = "linear") -> None:
+    """Make every stage's per-step parameters, in place, a function of t known at ``knots`` points (the time-smooth
+    initialisation, ``model.init_knots``).
+
+    The stage's own draw is restricted by injection to ``knots`` steps (independent draws at the left ends
+    t = i T / knots) and prolonged back to its N steps with ``op``: with ``linear``, the piecewise-linear
+    interpolant of those draws, so a coarse-in-time level (N / 2^k steps, ``knots`` dividing it) represents
+    the start exactly, and ``knots = 1`` makes every step the same. The interpolant's values are convex
+    combinations of the draws, so no step's stencil norm grows (a stage that met its step-size condition still
+    does). A stage with ``knots >= N`` steps is left as drawn; ``knots`` must divide every shorter stage's N.
+    """
+    with torch.no_grad():
+        for block in model.blocks:
+            n = block.layers
+            check_knots(knots, n)
+            if knots >= n:
+                continue
+            params = block.step_parameters()
+            fine = prolong_in_time(restrict_in_time(params, knots, "injection"), n, op)
+            for name, value in params.items():
+                value.copy_(fine[name])
+
+
+def check_knots(knots: int, n: int) -> None:
+    """``model.init_knots`` fits a stage of ``n`` steps: at least 1, and a divisor of ``n`` when below it."""
+    if knots < 1:
+        raise MsnetError(f"model.init_knots must be at least 1 (got {knots}), or null to draw every step")
+    if knots < n and n % knots:
+        best = max(d for d in range(1, knots + 1) if n % d == 0)
+        raise MsnetError(f"model.init_knots={knots} must divide the {n} steps the network starts with; "
+                         f"use a divisor such as model.init_knots={best}, or null to draw every step")

@@ -15,6 +15,7 @@ from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelS
 from msnet.core.network import check_connective, check_p_last, check_step_bound
 from msnet.core.reversible import check_scheme, scheme_note
 from msnet.data import DATASETS, DataBundle
+from msnet.multigrid.time import check_knots
 from msnet.runs import load_checkpoint
 from msnet.runs.tracking import check_backend
 from msnet.training import distributed, speed
@@ -75,6 +76,9 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
         raise MsnetError(f"threads must be at least 1 (or null for torch's default), got {cfg.threads}")
     check_p_last(stochastic_depth_p_last(cfg.model))
     check_architecture(cfg.model)
+    knots = OmegaConf.select(cfg, "model.init_knots", default=None)
+    if knots is not None:  # the network starts at depth.start steps under +depth, else model.layers
+        check_knots(int(knots), int(OmegaConf.select(cfg, "depth.start", default=None) or cfg.model.layers))
     rule = selected_rule(cfg)
     rule.check(cfg)
     distributed.check(cfg, env or DistEnv(), rule)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msnet import MsnetError
 from msnet.core import ModelSpec, build_model
+from msnet.multigrid.time import smooth_in_time_
 from msnet.runs import load_checkpoint, make_payload
 from msnet.runs.checkpoint import load_model_state, saved_spec
 from msnet.training.schedule import Schedule, check_stencil_fit
@@ -85,6 +86,9 @@ class RunState:
             for stage in spec.stages:
                 stage.layers = schedule[0].layers
         model = build_model(spec).to(device=device, dtype=dtype)
+        knots = OmegaConf.select(cfg, "model.init_knots", default=None)
+        if knots is not None:
+            smooth_in_time_(model, int(knots))
         check_stencil_fit(cfg, model)
         model = schedule.start_model(model)
         if init and cfg.get("init"):

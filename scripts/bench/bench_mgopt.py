@@ -91,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--line-search", default="none")
     ap.add_argument("--radius", type=float, default=0.1, help="RMTR's initial fine radius")
     ap.add_argument("--window-max", type=int, default=4, help="RMTR's largest sample, in mini-batches")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides for every run, the baselines included (e.g. model.init_knots=8)")
     ap.add_argument("--mgopt-extra", nargs="*", default=[], help="more overrides for the MG/OPT run")
     ap.add_argument("--rmtr-extra", nargs="*", default=[], help="more overrides for the RMTR run")
     ap.add_argument("--cascade-extra", nargs="*", default=None,
@@ -117,7 +119,7 @@ def configs(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
               f"dataset.val_size={args.val_size}", "dataset.test_subset=0", f"model.channels={args.channels}",
               f"model.layers={args.layers}", f"model.T={args.T}", f"optimizer={args.optimizer}",
               "optimizer.scheduler=constant", f"trainer.batch_size={batch}", "trainer.progress=false",
-              "trainer.eval_at_start=true", "trainer.eval_batch_size=1000", f"seed={args.seed}"]
+              "trainer.eval_at_start=true", "trainer.eval_batch_size=1000", f"seed={args.seed}", *args.extra]
     out = {f"single lr {lr:g}": train_config([*shared, f"optimizer.lr={lr}", f"trainer.epochs={args.epochs}"])
            for lr in args.baseline_lrs}
     ml_epochs = f"trainer.epochs={math.ceil(args.budget_factor * args.epochs)}"
@@ -184,14 +186,17 @@ def main() -> None:
     console = RunConsole()
     console.console.width = max(console.console.width, 150)  # the result table has ten columns
     depths = [d[0] for d in coarse_depths([args.layers], args.levels)]  # steps per level, coarsest first
-    mg = (f"MG/OPT {args.cycle}-cycle {args.optimizer} lr {args.lr}, nu1={args.nu1}, nu2={args.nu2}, "
-          f"coarse_steps={args.coarse_steps}, coarse_lr_factor={args.coarse_lr_factor}, "
-          f"line_search={args.line_search} {' '.join(args.mgopt_extra)}; ") if "MG/OPT" in cfgs else ""
+    mg = ""
+    if "MG/OPT" in cfgs:  # read from the composed config: --mgopt-extra's overrides win over the flags
+        m, o = cfgs["MG/OPT"].trainer, cfgs["MG/OPT"].optimizer
+        mg = (f"MG/OPT {getattr(m.cycle, 'name', m.cycle)}-cycle {o.name} lr {o.lr:g}, nu1={m.nu1}, nu2={m.nu2}, coarse_steps={m.coarse_steps}, "
+              f"coarse_lr_factor={m.coarse_lr_factor:g}, line_search={getattr(m.line_search, 'name', m.line_search)} {' '.join(args.mgopt_extra)}; ")
     tr = (f"RMTR radius {args.radius}, window_max {args.window_max} {' '.join(args.rmtr_extra)}; "
           if "RMTR" in cfgs else "")
     describe = (f"{args.dataset}, {n} training images ({per_epoch} batches of {batch}), validation "
                 f"{data.x_val.shape[0]}; {args.channels} channels x {args.layers} layers, T={args.T}; single-level "
                 f"{args.optimizer} lr {args.baseline_lrs} constant; levels {depths}; {mg}{tr}"
+                f"{'all runs: ' + ' '.join(args.extra) + '; ' if args.extra else ''}"
                 f"{torch.get_num_threads()} threads")
     console.print(describe)
     console.print(f"single-level: {args.epochs} epochs = {budget:.0f} FGE; multilevel: up to "
