@@ -109,3 +109,20 @@ def test_bench_mgopt_nested_iteration_banks_each_depths_work_at_its_cost(tmp_pat
     hit = next((p for p in trace if p["layers"] == 4 and p["val_acc"] >= report["target"]), None)
     assert row["fge_to_target"] == (round(hit["fge"], 1) if hit else None)  # the target counts at full depth only
     assert lines[-2].startswith("MG/OPT:") and lines[-1].startswith("cascade:")
+
+
+def test_nest_flag_builds_the_f_cycle_schedule_and_refuses_a_depth_that_does_not_halve_to_it():
+    """``--nest S``: 2 epochs at S layers, 1 at each deeper shallow depth, in epochs at the full depth's cost
+    (the schedules of the map's nested rows), and one line before any data for an S that is not L / 2^k."""
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    from bench_mgopt import nested
+
+    assert nested(16, 64, 38)[-1] == "depth.epochs=[0.5,0.5,38]"
+    assert nested(32, 256, 30) == ["+depth=doubling", "depth.start=32", "depth.stop=256", "depth.sizing=cost",
+                                   "depth.epochs=[0.25,0.25,0.5,30]"]
+    assert nested(2, 4, 3)[-1] == "depth.epochs=[1,3]"
+    script = str(ROOT / "scripts" / "bench" / "bench_mgopt.py")
+    for bad in (("--nest", "12"), ("--nest", "64"), ("--layers", "48", "--nest", "16")):
+        proc = subprocess.run([sys.executable, script, "--quick", *bad], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.strip().startswith("bench_mgopt: error: --nest") and len(proc.stderr.strip().splitlines()) == 1

@@ -31,7 +31,7 @@ prints, for each run, the wall time, the FGE and the epochs to the target, and a
 the ratios baseline / method (goals: >= 3 in FGE, >= 2 in wall time). With ``--out DIR`` it writes
 DIR/bench_mgopt.png (validation accuracy against work and against wall time) and DIR/bench_mgopt.json.
 
-    .venv/bin/python scripts/bench/bench_mgopt.py --quick --threads 1    # the best regime found, ~3 min on 2 cores
+    .venv/bin/python scripts/bench/bench_mgopt.py --quick --threads 1    # the best regime found, ~3-4 min on 2 cores
     .venv/bin/python scripts/bench/bench_mgopt.py                        # 32 layers, 10,000 images: long
     .venv/bin/python scripts/bench/bench_mgopt.py --method rmtr --batch-size 0 --epochs 40   # full batch
 """
@@ -54,12 +54,29 @@ from msnet.runs.display import records_table
 from msnet.training.hierarchy import coarse_depths
 
 DEFAULT = {"layers": 32, "channels": 8, "train_subset": 10000, "val_size": 2000, "epochs": 6, "eval_every": 10,
-           "batch_size": 128, "method": "both"}
-QUICK = {"layers": 16, "channels": 4, "train_subset": 2048, "val_size": 1000, "epochs": 3, "eval_every": 4,
-         "batch_size": 128, "method": "both"}
-"""The presets; a flag given explicitly wins. QUICK is the mini-batch regime where MG/OPT came closest to the
-baseline in the 2026-12-02 map (FGE ratio 0.49, wall 0.46; full batch RMTR: 0.54, 0.43 but 14 minutes), its
-training about two minutes of CPU time over its five runs."""
+           "batch_size": 128, "method": "both", "lr": 2e-3, "levels": 3, "radius": 0.1, "nest": None}
+QUICK = {"layers": 64, "channels": 4, "train_subset": 256, "val_size": 500, "epochs": 20, "eval_every": 1,
+         "batch_size": 0, "method": "rmtr", "lr": 4e-3, "baseline_lrs": "2e-3,4e-3,8e-3", "levels": 4, "radius": 1.0,
+         "nest": 16}
+"""The presets; a flag given explicitly wins. QUICK is the best regime of the 2026-12-02 map at a size that trains in
+about two minutes: full batch of 256 images, 64 layers x 4 channels, RMTR (4 levels, radius 1.0) started from the
+16-layer network (nested iteration, ``--nest 16``) against Adam tuned over 2e-3, 4e-3, 8e-3 (1.63x fewer FGE,
+1.55-1.60x less wall time in four runs; 128 and 256 layers: docs/results.md)."""
+
+
+def nested(start: int, layers: int, budget_epochs: int) -> List[str]:
+    """The overrides that start a multilevel run on a ``start``-layer network and double it to ``layers``
+    (nested iteration, the F-cycle schedule): 2 epochs at ``start`` layers, 1 at each deeper shallow depth, then
+    up to ``budget_epochs`` at the full depth (``depth.sizing=cost``: an epoch at d layers costs d / layers)."""
+    if start < 1 or layers % start or (layers // start) & (layers // start - 1) or start == layers:
+        raise MsnetError(f"--nest {start} must be --layers {layers} divided by a power of two (2, 4, ...)")
+    depths, d = [], start
+    while d < layers:
+        depths.append(d)
+        d *= 2
+    shares = [2 * start / layers] + [d / layers for d in depths[1:]]
+    return ["+depth=doubling", f"depth.start={start}", f"depth.stop={layers}", "depth.sizing=cost",
+            "depth.epochs=[" + ",".join(f"{x:g}" for x in shares) + f",{budget_epochs}]"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,19 +97,23 @@ def parse_args() -> argparse.Namespace:
                     help=f"batches (cycles) between validations (default {DEFAULT['eval_every']})")
     ap.add_argument("--batch-size", type=int, default=None, help="mini-batch size; 0: the whole training set")
     ap.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    ap.add_argument("--lr", type=float, default=2e-3, help="MG/OPT's smoother learning rate")
+    ap.add_argument("--lr", type=float, default=None, help=f"MG/OPT's smoother learning rate (default {DEFAULT['lr']})")
     ap.add_argument("--baseline-lrs", default=None, help="single-level learning rates (default: lr x 0.5, 1, 2)")
-    ap.add_argument("--levels", type=int, default=3)
+    ap.add_argument("--levels", type=int, default=None, help=f"default {DEFAULT['levels']}")
     ap.add_argument("--cycle", default="V")
     ap.add_argument("--nu1", type=int, default=0)
     ap.add_argument("--nu2", type=int, default=0)
     ap.add_argument("--coarse-steps", type=int, default=4)
     ap.add_argument("--coarse-lr-factor", type=float, default=1.0)
     ap.add_argument("--line-search", default="none")
-    ap.add_argument("--radius", type=float, default=0.1, help="RMTR's initial fine radius")
+    ap.add_argument("--radius", type=float, default=None, help=f"RMTR's initial fine radius (default {DEFAULT['radius']})")
     ap.add_argument("--window-max", type=int, default=4, help="RMTR's largest sample, in mini-batches")
     ap.add_argument("--extra", nargs="*", default=[],
                     help="overrides for every run, the baselines included (e.g. model.init_knots=8)")
+    ap.add_argument("--nest", type=int, default=None,
+                    help="nested iteration: start MG/OPT and RMTR on a network of NEST layers (--layers over a power "
+                         "of two), 2 epochs there and 1 at each deeper shallow depth, counted at their cost")
+    ap.add_argument("--no-nest", action="store_true", help="no nested iteration (to undo --quick's --nest 16)")
     ap.add_argument("--mgopt-extra", nargs="*", default=[], help="more overrides for the MG/OPT run")
     ap.add_argument("--rmtr-extra", nargs="*", default=[], help="more overrides for the RMTR run")
     ap.add_argument("--cascade-extra", nargs="*", default=None,
@@ -105,6 +126,10 @@ def parse_args() -> argparse.Namespace:
     for key, value in (QUICK if args.quick else DEFAULT).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.no_nest:
+        args.nest = None
+    if args.nest:
+        nested(args.nest, args.layers, 1)  # a bad --nest fails here, before any data is loaded
     try:
         args.baseline_lrs = ([float(x) for x in args.baseline_lrs.split(",")] if args.baseline_lrs
                              else [args.lr * f for f in (0.5, 1.0, 2.0)])
@@ -122,17 +147,19 @@ def configs(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
               "trainer.eval_at_start=true", "trainer.eval_batch_size=1000", f"seed={args.seed}", *args.extra]
     out = {f"single lr {lr:g}": train_config([*shared, f"optimizer.lr={lr}", f"trainer.epochs={args.epochs}"])
            for lr in args.baseline_lrs}
-    ml_epochs = f"trainer.epochs={math.ceil(args.budget_factor * args.epochs)}"
+    budget_epochs = math.ceil(args.budget_factor * args.epochs)
+    ml_epochs = f"trainer.epochs={budget_epochs}"
+    nest = nested(args.nest, args.layers, budget_epochs) if args.nest else []
     if args.method in ("mgopt", "both"):
         out["MG/OPT"] = train_config([
             *shared, f"optimizer.lr={args.lr}", "trainer=mgopt", ml_epochs, f"trainer.levels={args.levels}",
             f"trainer.cycle={args.cycle}", f"trainer.nu1={args.nu1}", f"trainer.nu2={args.nu2}",
             f"trainer.coarse_steps={args.coarse_steps}", f"trainer.coarse_lr_factor={args.coarse_lr_factor}",
-            f"trainer.line_search={args.line_search}", "trainer.cycle_loss=false", *args.mgopt_extra])
+            f"trainer.line_search={args.line_search}", "trainer.cycle_loss=false", *nest, *args.mgopt_extra])
     if args.method in ("rmtr", "both"):
         out["RMTR"] = train_config([*shared, "trainer=rmtr", ml_epochs, f"trainer.levels={args.levels}",
                                     f"trainer.radius={args.radius}", f"trainer.window_max={args.window_max}",
-                                    *args.rmtr_extra])
+                                    *nest, *args.rmtr_extra])
     if args.cascade_extra is not None:
         out["cascade"] = train_config([*shared, f"optimizer.lr={args.lr}", ml_epochs, *args.cascade_extra])
     return out
@@ -197,6 +224,7 @@ def main() -> None:
                 f"{data.x_val.shape[0]}; {args.channels} channels x {args.layers} layers, T={args.T}; single-level "
                 f"{args.optimizer} lr {args.baseline_lrs} constant; levels {depths}; {mg}{tr}"
                 f"{'all runs: ' + ' '.join(args.extra) + '; ' if args.extra else ''}"
+                f"{f'multilevel nested from {args.nest} layers: ' + ' '.join(nested(args.nest, args.layers, 0)[1:-1]) + '; ' if args.nest else ''}"
                 f"{torch.get_num_threads()} threads")
     console.print(describe)
     console.print(f"single-level: {args.epochs} epochs = {budget:.0f} FGE; multilevel: up to "
@@ -228,7 +256,9 @@ def report(console: RunConsole, args: argparse.Namespace, traces: Dict[str, List
             "total_fge": round(trace[-1]["fge"], 1), "fge_per_batch": round(trace[-1]["fge"] / max(1, trace[-1]["batches"]), 2),
         })
     console.print(records_table(f"to {target:.2%} validation accuracy (best single-level plateau, {best_lr}: "
-                                f"{plateaus[best_lr]:.2%}, - 0.5 points)", rows, list(rows[0])))
+                                f"{plateaus[best_lr]:.2%}, - 0.5 points)",
+                                [{k: f"{v:g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+                                list(rows[0])))
     if args.out:
         written = write_md_json(args.out, "bench_mgopt", None, {"args": vars(args), "evals_per_epoch": evals,
                                                                 "target": target, "traces": traces, "rows": rows})
