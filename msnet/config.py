@@ -272,6 +272,7 @@ class DepthConfig:
     prolongation: str = "linear"  # msnet.multigrid.TIME_PROLONGATIONS
     # A level of stop / 2^k layers costs 2^-k of a level of stop layers per epoch: sizing=cost budgets in the latter.
     sizing: DepthSizing = DepthSizing.epochs  # epochs | cost: depth.epochs at depth.stop's cost (d layers: x stop / d)
+    carry_optimizer: bool = False  # true: the optimiser's moments move with the weights (prolonged, scaled for h); false: fresh
 
 
 @dataclass

@@ -125,3 +125,45 @@ def check_knots(knots: int, n: int) -> None:
         best = max(d for d in range(1, knots + 1) if n % d == 0)
         raise MsnetError(f"model.init_knots={knots} must divide the {n} steps the network starts with; "
                          f"use a divisor such as model.init_knots={best}, or null to draw every step")
+
+
+MOMENT_POWERS = {"exp_avg": 1, "momentum_buffer": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+"""The per-parameter optimiser buffers a depth move carries, and the power of the gradient each one scales with
+(Adam/AdamW's first and second moments, AMSGrad's maximum, SGD's momentum)."""
+
+
+def prolong_optimizer_state(old_opt: torch.optim.Optimizer, old_model: torch.nn.Module,
+                            new_opt: torch.optim.Optimizer, new_model: torch.nn.Module, op: str = "linear") -> int:
+    """Carry ``old_opt``'s per-parameter state to ``new_opt`` after ``old_model`` was moved to more steps in time
+    (``new_model``, same parameter names), instead of starting the optimiser fresh (``depth.carry_optimizer``).
+
+    A per-step tensor ``(N, ...)`` moved to ``M`` steps has its buffers moved with the same prolongation ``op``,
+    each scaled for the new step size: the gradient with respect to a step's parameters carries a factor h
+    (y_{j+1} = y_j + h F(y_j; theta_j)), so a first moment scales by N / M and a second by (N / M)^2
+    (:data:`MOMENT_POWERS`); Adam's update m / sqrt(v) is unchanged by the scaling, its memory of the gradient's
+    size stays right for the new one. Parameters of the same shape (opening, classifier) keep their state as it
+    is; the step count goes with them. Returns the number of parameters whose state was carried; ``new_opt``
+    must be the same kind of optimiser, with no state yet.
+    """
+    if type(old_opt) is not type(new_opt):
+        raise MsnetError(f"cannot carry {type(old_opt).__name__}'s state into {type(new_opt).__name__}")
+    old = dict(old_model.named_parameters())
+    carried = 0
+    with torch.no_grad():
+        for name, p in new_model.named_parameters():
+            q = old.get(name)
+            if q is None or q not in old_opt.state:
+                continue
+            same = q.shape == p.shape
+            if not same and (q.shape[1:] != p.shape[1:] or p.shape[0] % q.shape[0]):
+                raise MsnetError(f"cannot carry the optimiser state of {name}: {tuple(q.shape)} -> {tuple(p.shape)} "
+                                 f"is not a move to more steps in time")
+            ratio = q.shape[0] / p.shape[0]
+            state = {}
+            for key, value in old_opt.state[q].items():
+                if key in MOMENT_POWERS and torch.is_tensor(value) and value.shape == q.shape and not same:
+                    value = TIME_PROLONGATIONS.get(op)(value, p.shape[0]) * ratio ** MOMENT_POWERS[key]
+                state[key] = value.clone() if torch.is_tensor(value) else value
+            new_opt.state[p] = state
+            carried += 1
+    return carried

@@ -152,6 +152,7 @@ def run_levels(state: RunState, schedule: Schedule, data: DataBundle, cfg: DictC
         lv = schedule[li]
         d = schedule.data_at(data, lv.down)  # restricted before the clock starts: data preparation, not training
         t0 = time.perf_counter()
+        old_rule, old_model = state.rule, state.model
         if li > first:
             state.model, fit = schedule.move(state.model, schedule[li - 1], lv, data)
             state.level_index, state.level_epoch = li, 0
@@ -159,8 +160,10 @@ def run_levels(state: RunState, schedule: Schedule, data: DataBundle, cfg: DictC
                 state.fits[lv.name] = fit.to_dict()
         t_level = time.perf_counter()
         state.rule = level_rule(state, cfg, lv, env, device)
-        if resumed is not None and li == first and not state.finished(schedule):
-            state.rule.load_state_dict(resumed)
+        if li > first:
+            schedule.carry(schedule[li - 1], lv, old_rule, old_model, state.rule, state.model)
+        if resumed is not None and li == first and (not state.finished(schedule) or schedule.carry_optimizer):
+            state.rule.load_state_dict(resumed)  # a finished level's state only matters when the next level carries it
         record: Dict[str, Any] = {}
         if cfg.trainer.get("eval_at_start") and state.level_epoch == 0 and d.sizes()["val"]:
             val0 = evaluate(state.model, d.x_val, d.y_val, cfg.trainer.eval_batch_size)

@@ -26,6 +26,7 @@ from msnet.data import DataBundle
 from msnet.multigrid import (TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, level_data, transfer_depth,
                              transfer_resolution)
 from msnet.multigrid.datafit import check_fittable, fit_sample
+from msnet.multigrid.time import prolong_optimizer_state
 from msnet.multigrid.levels import level_name, parse_level, transfer_settings
 
 @dataclass
@@ -57,7 +58,8 @@ class Schedule:
 
     ``operator`` / ``sigma``: the image transfer pair and the smoothing before each restriction
     (the pyramid's, else ``linear`` and 1); ``time_prolongation``: how parameters move to more
-    layers (the depth schedule's, else ``linear``); ``pyramid``: the pyramid config (stencil fit
+    layers (the depth schedule's, else ``linear``); ``carry_optimizer``: a move in depth alone carries the
+    first-order optimiser's state (``depth.carry_optimizer``, :meth:`carry`); ``pyramid``: the pyramid config (stencil fit
     settings) or None; ``seed``: draws the stencil fit's images. One schedule serves one dataset:
     :meth:`data_at` caches each level's restricted images.
     """
@@ -68,6 +70,7 @@ class Schedule:
     time_prolongation: str = "linear"
     pyramid: Any = None
     seed: int = 0
+    carry_optimizer: bool = False
     _data: Dict[int, DataBundle] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -107,6 +110,19 @@ class Schedule:
         if dst.layers is not None and dst.layers != (src.layers or net.depth()[0]):
             net = transfer_depth(net, dst.layers, self.time_prolongation)
         return net, fit
+
+
+    def carry(self, src: Level, dst: Level, old_rule: Any, old_net: torch.nn.Module, new_rule: Any,
+              new_net: torch.nn.Module) -> int:
+        """After a move from ``src`` to ``dst`` and the new level's rule: with ``carry_optimizer``, a move in depth
+        alone (same resolution) between two rules with a ``torch.optim`` optimiser of the same kind hands the old
+        optimiser's state on (:func:`~msnet.multigrid.time.prolong_optimizer_state`). Returns the number of
+        parameters carried (0: the new optimiser starts fresh)."""
+        old_opt, new_opt = getattr(old_rule, "optimizer", None), getattr(new_rule, "optimizer", None)
+        if (not self.carry_optimizer or src.down != dst.down or not isinstance(old_opt, torch.optim.Optimizer)
+                or type(old_opt) is not type(new_opt)):
+            return 0
+        return prolong_optimizer_state(old_opt, old_net, new_opt, new_net, self.time_prolongation)
 
 
 def max_restrictions(native: Tuple[int, int], stages: int) -> int:
@@ -216,7 +232,7 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
         check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
     operator, sigma = transfer_settings(cfg)
     return Schedule(levels, operator, sigma, str(depth.prolongation) if depth is not None else "linear", pyramid,
-                    int(cfg.seed))
+                    int(cfg.seed), bool(depth.get("carry_optimizer", False)) if depth is not None else False)
 
 
 def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:

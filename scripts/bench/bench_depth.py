@@ -3,7 +3,7 @@
 learning rate.
 
 In one process, same data, width and optimiser (Adam, constant learning rate, a fresh one per
-level), each configured and trained as ``msnet train`` would (its config groups, and its level
+level unless ``--carry``), each configured and trained as ``msnet train`` would (its config groups, and its level
 loop ``msnet.training.fit.run_levels`` through ``scripts/bench/_harness.py``):
 
 * random: ``msnet train model.layers=FINAL optimizer.lr=LR``: ``--final-depth`` layers from a random
@@ -24,6 +24,8 @@ its levels); the last line is the ratio cascade / random (goal <= 0.5).
 
     .venv/bin/python scripts/bench/bench_depth.py [--final-depth 32] [--epochs 2] [--train-subset 4096] [--threads 1]
     .venv/bin/python scripts/bench/bench_depth.py --sizing epochs --shallow 0.5    # the old rule, half an epoch each
+    .venv/bin/python scripts/bench/bench_depth.py --carry both    # cascades with a fresh Adam per level and with
+                                                                  # Adam's moments carried (depth.carry_optimizer)
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sizing", choices=["cost", "epochs"], default="cost", help="depth.sizing of the cascade")
     ap.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="Adam learning rates of the random-init runs")
     ap.add_argument("--cascade-lrs", default="1e-3,2e-3,4e-3", help="Adam learning rates of the cascades")
+    ap.add_argument("--carry", choices=["off", "on", "both"], default="off",
+                    help="depth.carry_optimizer of the cascades: off (a fresh Adam per level), on (Adam's moments move "
+                         "with the weights; runs labelled 'carry'), both (each cascade LR twice, side by side)")
     ap.add_argument("--channels", type=int, default=8)
     ap.add_argument("--T", type=float, default=1.0)
     ap.add_argument("--train-subset", type=int, default=4096)
@@ -87,8 +92,11 @@ def main() -> None:
                f"depth.sizing={args.sizing}", f"depth.epochs=[{entries}]"]
     configs = {f"random lr {lr:g}": train_config([*shared, f"trainer.epochs={args.epochs}", f"optimizer.lr={lr}"])
                for lr in args.lrs}
-    configs.update({f"cascade lr {lr:g}": train_config([*shared, *cascade, f"optimizer.lr={lr}"])
-                    for lr in args.cascade_lrs})
+    kinds = {"off": [("cascade", "false")], "on": [("carry", "true")],
+             "both": [("cascade", "false"), ("carry", "true")]}[args.carry]
+    for kind, carry in kinds:
+        configs.update({f"{kind} lr {lr:g}": train_config([*shared, *cascade, f"depth.carry_optimizer={carry}",
+                                                           f"optimizer.lr={lr}"]) for lr in args.cascade_lrs})
     first = next(iter(configs.values()))
     data = prepare_data(first.dataset, resolve_device(first.device), resolve_dtype(first.dtype))
     traces: Dict[str, List[Dict[str, Any]]] = {name: [] for name in configs}
@@ -120,7 +128,8 @@ def main() -> None:
     console.console.width = max(console.console.width, 120)  # the result table has five columns
     console.print(f"random init: {args.final_depth} layers, {args.epochs} epochs, lr {args.lrs}; cascade "
                   f"{' -> '.join(map(str, depths))} layers, depth.sizing={args.sizing}, {args.shallow:g} per shallow "
-                  f"level, up to {args.epochs} epochs at {args.final_depth}, lr {args.cascade_lrs}; interleaved ...")
+                  f"level, up to {args.epochs} epochs at {args.final_depth}, lr {args.cascade_lrs}, optimiser state carried: "
+                  f"{args.carry}; interleaved ...")
     interleave(*runs)
     report(console, args, data, depths, traces, target.get("acc", max(traces[r][-1]["val_acc"] for r in randoms) - 0.005))
 
@@ -140,22 +149,27 @@ def report(console: RunConsole, args: argparse.Namespace, data: Any, depths: Lis
         if hit and (kind not in best or hit["train_s"] < best[kind][1]["train_s"]):
             best[kind] = (name, hit)
     console.print(records_table(f"time to {target:.2%} validation accuracy at {args.final_depth} layers "
-                                "(best random-init final - 0.5 points)", rows,
+                                "(best random-init final - 0.5 points)",
+                                [{k: f"{v:g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows],
                                 ["run", "final_val_acc", "time_to_target_s", "epochs_at_final_depth", "shallow_levels_s"]))
     console.print(f"data {data.name}, {data.x_train.shape[0]} training images, {args.channels} channels, T={args.T}, "
                   f"cascade {' -> '.join(map(str, depths))}, {torch.get_num_threads()} threads")
-    ratio = None
-    if "random" in best and "cascade" in best:
-        (rn, r), (cn, c) = best["random"], best["cascade"]
-        ratio = c["train_s"] / r["train_s"]
-        console.print(f"ratio cascade / random = {ratio:.3f}  ({cn}: {c['train_s']:.1f} s; "
-                      f"{rn}: {r['train_s']:.1f} s; goal <= 0.5)")
-    else:
-        console.print("no cascade reached the target within its budget: ratio undefined (> 1)")
+    ratios: Dict[str, Any] = {}
+    for kind in dict.fromkeys(name.split()[0] for name in traces if not name.startswith("random")):
+        what = "cascade" if kind == "cascade" else "cascade with its optimiser state carried (carry)"
+        if "random" in best and kind in best:
+            (rn, r), (cn, c) = best["random"], best[kind]
+            ratios[kind] = c["train_s"] / r["train_s"]
+            console.print(f"ratio {kind} / random = {ratios[kind]:.3f}  ({cn}: {c['train_s']:.1f} s; "
+                          f"{rn}: {r['train_s']:.1f} s; goal <= 0.5)")
+        else:
+            ratios[kind] = None
+            console.print(f"no {what} reached the target within its budget: ratio undefined (> 1)")
     if args.out:
         best_runs = {k: v[0] for k, v in best.items()}
         write_md_json(args.out, "bench_depth", None, {"args": vars(args), "target": target, "traces": traces,
-                                                      "rows": rows, "best": best_runs, "ratio": ratio})
+                                                      "rows": rows, "best": best_runs, "ratio": next(iter(ratios.values())),
+                                                      "ratios": ratios})
 
 if __name__ == "__main__":
     try:
