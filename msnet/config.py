@@ -186,6 +186,8 @@ class TrainerConfig:
     name: str = "single"  # single | mgopt | rmtr: how each mini-batch updates the weights
     epochs: int = 3  # epochs of a single-level run (schedules set their own per level)
     batch_size: int = 128  # training mini-batch (the global batch under DDP)
+    batch_growth: float = 1.0  # the mini-batch is multiplied by this every epoch (1: fixed), up to batch_max
+    batch_max: Optional[int] = None  # the largest mini-batch under batch_growth; null: the whole training set
     eval_batch_size: int = 128  # batch of validation and test passes
     log_every: int = 25  # batches between progress-bar updates
     progress: bool = True  # show the progress bar

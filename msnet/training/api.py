@@ -29,7 +29,7 @@ from msnet.training.schedule import Schedule, build_schedule
 from msnet.training.setup import model_spec, preflight, stability_notes
 from msnet.training.state import RunState
 
-EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "work_fge",
+EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "batch_size", "work_fge",
                  "epoch_time_s"]
 LEVEL_COLUMNS = ["level", "resolution", "layers", "epochs", "val_loss", "val_acc", "test_loss", "test_acc", "time_s"]
 

@@ -65,6 +65,19 @@ def epoch_parts(n_train: int, share: float, evals_per_epoch: int,
     return list(torch.randperm(n_train, generator=generator)[:m].chunk(evals_per_epoch))
 
 
+def epoch_batch_size(trainer: Any, epoch: int, n_train: int) -> int:
+    """The mini-batch of the run's ``epoch`` (1-based): ``trainer.batch_size`` times ``trainer.batch_growth`` to the
+    power ``epoch - 1``, rounded, at most ``trainer.batch_max`` (null: the whole training set). A growing batch
+    (the hybrid stochastic-deterministic regime of multilevel training) makes the later epochs' gradients
+    near-deterministic; ``batch_growth=1`` keeps ``trainer.batch_size``."""
+    b = int(trainer.batch_size)
+    growth = float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0)
+    if growth == 1.0:
+        return b
+    cap = OmegaConf.select(trainer, "batch_max", default=None) or n_train
+    return max(b, min(int(cap), round(b * growth ** (epoch - 1))))
+
+
 def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, evals_per_epoch: int = 1,
               shard: Optional[distributed.Shard] = None, progress: Optional[Progress] = None,
               on_step: Optional[Callable[[Dict[str, Any]], None]] = None, label: str = "") -> Iterator[Step]:
@@ -83,6 +96,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
     for level_epoch in range(state.level_epoch + 1, level.epochs + 1):
         state.epoch += 1
         lr = rule.lr
+        batch = epoch_batch_size(trainer, state.epoch, n_train)
         parts = epoch_parts(n_train, level.share if level_epoch == level.epochs else 1.0, evals_per_epoch,
                             state.generator)
         loss = acc = seconds = 0.0
@@ -91,13 +105,13 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
             x, y = (data.x_train, data.y_train) if idx is None else (data.x_train[idx], data.y_train[idx])
             task = progress.add_task(
                 f"{label}epoch {level_epoch}/{level.epochs}" + (f" ({c}/{len(parts)})" if len(parts) > 1 else ""),
-                total=-(-len(y) // trainer.batch_size), loss="-", acc="-", ips="-") if progress else None
+                total=-(-len(y) // batch), loss="-", acc="-", ips="-") if progress else None
 
             def on_progress(done: int, mean_loss: float, mean_acc: float, ips: float, task=task) -> None:
                 progress.update(task, completed=done, loss=f"{mean_loss:.4f}", acc=f"{mean_acc:.2%}", ips=f"{ips:.0f}")
                 progress.refresh()
 
-            result = train_epoch(model, rule, x, y, trainer.batch_size, state.generator, log_every=trainer.log_every,
+            result = train_epoch(model, rule, x, y, batch, state.generator, log_every=trainer.log_every,
                                  on_progress=on_progress if progress else None, epoch=state.epoch, on_step=on_step,
                                  shard=shard, after_update=after_update)
             loss, acc = loss + result.loss * result.samples, acc + result.acc * result.samples
@@ -130,6 +144,8 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
             "wall_time_s": state.wall_time(),
             **rule.epoch_stats(),
         }
+        if float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0) != 1.0:  # a growing batch: this epoch's
+            record["batch_size"] = batch
         state.history.append(record)
         yield Step("epoch", level, record, result.seconds)
 

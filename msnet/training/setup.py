@@ -67,6 +67,13 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
         if cfg.trainer[key] < 1:
             raise MsnetError(f"trainer.{key} must be at least 1, got {cfg.trainer[key]}")
+    growth = OmegaConf.select(cfg, "trainer.batch_growth", default=1.0)
+    if growth is None or not float(growth) >= 1.0:
+        raise MsnetError(f"trainer.batch_growth must be at least 1 (1: a fixed mini-batch), got {growth}")
+    cap = OmegaConf.select(cfg, "trainer.batch_max", default=None)
+    if cap is not None and int(cap) < int(cfg.trainer.batch_size):
+        raise MsnetError(f"trainer.batch_max={cap} is below trainer.batch_size={cfg.trainer.batch_size}; "
+                         f"raise it, or null for the whole training set")
     for key in ("channels", "stages", "layers", "growth"):
         if cfg.model[key] < 1:
             raise MsnetError(f"model.{key} must be at least 1, got {cfg.model[key]}")

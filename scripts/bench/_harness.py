@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from msnet.config import compose_config
 from msnet.data import DataBundle
-from msnet.training.fit import Step, run_levels
+from msnet.training.fit import Step, epoch_batch_size, run_levels
 from msnet.training.schedule import Schedule, build_schedule
 from msnet.training.setup import check_config, model_spec
 from msnet.training.state import RunState
@@ -55,22 +55,29 @@ def chunk_batches(n: int, evals_per_epoch: int, batch_size: int) -> List[int]:
     return [-(-s // batch_size) for s in sizes]
 
 
-def points(state: RunState, steps: Iterable[Step], n_train: int, batch_size: int,
+def points(state: RunState, steps: Iterable[Step], n_train: int, batch_size: int | Callable[[int], int],
            evals_per_epoch: int = 1) -> Iterator[Point]:
     """The evaluations among the level loop's ``steps``, one point each, with the training clock.
 
     A point: ``kind`` (``"level"``: before a level's training, from ``trainer.eval_at_start``;
     ``"chunk"`` or ``"epoch"``), ``level`` (name), ``down`` (restrictions), ``layers`` (per stage),
     ``epoch`` (epochs over the run, fractional), ``level_epoch`` (epochs in this level),
-    ``batches`` (mini-batches so far), ``train_s`` (training seconds so far: chunks, moves and
+    ``batches`` (mini-batches so far), ``batch`` (the mean images per mini-batch of the chunk the point ends: the
+    mini-batch ``batch_size``, or ``batch_size(epoch)`` for a growing one, ``trainer.batch_growth``, less where the
+    chunk's last batch is partial), ``train_s`` (training seconds so far: chunks, moves and
     stencil fits; evaluation excluded), ``val_acc``, ``val_loss``. Steps without an evaluation
     (a level step without ``eval_at_start``) only advance the clock.
     """
-    per_chunk = chunk_batches(n_train, evals_per_epoch, batch_size)
+    batch_of = batch_size if callable(batch_size) else (lambda epoch: batch_size)
     clock, batches = 0.0, 0
     for step in steps:
         clock += step.seconds
         r = step.record
+        size = batch_of(int(r["epoch"]) if step.kind != "level" else state.epoch + 1)
+        per_chunk = chunk_batches(n_train, evals_per_epoch, size)
+        images = [n_train] if len(per_chunk) == 1 else [len(c) for c in torch.arange(n_train).chunk(evals_per_epoch)]
+        c = r["chunk"] - 1 if step.kind == "chunk" else len(per_chunk) - 1
+        batch = images[c] / per_chunk[c]
         if step.kind == "chunk":
             batches += per_chunk[r["chunk"] - 1]
             frac = r["chunk"] / len(per_chunk)
@@ -84,6 +91,7 @@ def points(state: RunState, steps: Iterable[Step], n_train: int, batch_size: int
             continue
         yield {"kind": step.kind, "level": step.level.name, "down": step.level.down,
                "layers": state.model.depth()[0], "epoch": epoch, "level_epoch": level_epoch, "batches": batches,
+               "batch": batch,
                "train_s": clock, "val_acc": r["val_acc"], "val_loss": r["val_loss"]}
 
 
@@ -93,7 +101,8 @@ def run(cfg: DictConfig, data: DataBundle, evals_per_epoch: int = 1,
     iterated; stop iterating to stop the run). Returns the run's state too, to read its rule or model."""
     state, schedule = start(cfg, data, schedule)
     steps = run_levels(state, schedule, data, cfg, evals_per_epoch=evals_per_epoch, summaries=False)
-    return state, points(state, steps, data.sizes()["train"], int(cfg.trainer.batch_size), evals_per_epoch)
+    n = data.sizes()["train"]
+    return state, points(state, steps, n, lambda epoch: epoch_batch_size(cfg.trainer, epoch, n), evals_per_epoch)
 
 
 def interleave(*runs: Iterator[Any], on_step: Optional[Callable[[int, Any], None]] = None) -> None:

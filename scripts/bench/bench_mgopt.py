@@ -166,26 +166,27 @@ def configs(args: argparse.Namespace, batch: int) -> Dict[str, Any]:
 
 
 def traced(label: str, state: Any, points: Iterator[Point], budget_fge: float,
-           trace: List[Dict[str, Any]], fine_layers: int) -> Iterator[None]:
+           trace: List[Dict[str, Any]], fine_layers: int, batch0: int) -> Iterator[None]:
     """Append each evaluation to ``trace`` with the work so far (a multilevel rule's count, else 1 FGE per batch),
     yielding after each; stop once ``budget_fge`` is spent.
 
-    Nested iteration (a multilevel run with ``+depth=doubling`` in its extra overrides) builds a new rule at each
-    depth, whose count is in gradients of *that* depth: the work of a finished depth level is kept and every count
-    is scaled by its depth / ``fine_layers`` (a gradient of d layers costs d / fine_layers FGE)."""
-    done, rule, work, scale = 0.0, None, 0.0, 1.0
-    batches = 0
+    The work is summed in increments, each scaled to fine-gradient equivalents of a ``batch0`` mini-batch at the full
+    depth: times the point's depth / ``fine_layers`` (a gradient of d layers costs d / fine_layers FGE; nested
+    iteration, a multilevel run with ``+depth=doubling`` in its extra overrides, builds a new rule with a count of
+    its own at each depth) and times the chunk's images per mini-batch / ``batch0`` (a growing batch,
+    ``trainer.batch_growth``: a gradient of a batch twice as large costs twice as much; a partial batch less)."""
+    fge, rule, work, batches = 0.0, None, 0.0, 0
     for p in points:
-        if not hasattr(state.rule, "work_fge"):  # one gradient of the current depth per batch
-            done, batches = done + (p["batches"] - batches) * p["layers"] / fine_layers, p["batches"]
-            fge = done
+        scale = p["layers"] / fine_layers * p["batch"] / batch0
+        if not hasattr(state.rule, "work_fge"):  # one gradient of the current depth and batch per batch
+            fge, batches = fge + (p["batches"] - batches) * scale, p["batches"]
         else:
-            if state.rule is not rule:  # a new depth level: bank the previous level's work
-                done, rule, scale = done + work * scale, state.rule, p["layers"] / fine_layers
-            work = float(state.rule.work_fge)
-            fge = done + work * scale
+            if state.rule is not rule:  # a new depth level: its rule counts from zero
+                rule, work = state.rule, 0.0
+            now = float(state.rule.work_fge)
+            fge, work = fge + (now - work) * scale, now
         trace.append({"run": label, "batches": p["batches"], "epochs": p["epoch"], "fge": fge,
-                      "train_s": p["train_s"], "val_acc": p["val_acc"], "layers": p["layers"]})
+                      "train_s": p["train_s"], "val_acc": p["val_acc"], "layers": p["layers"], "batch": p["batch"]})
         yield
         if fge >= budget_fge - 1e-9:
             return
@@ -203,13 +204,13 @@ def main() -> None:
     cfgs = configs(args, batch)
     per_epoch = num_batches(n, batch)
     evals = max(1, round(per_epoch / args.eval_every))
-    budget = float(args.epochs * sum(chunk_batches(n, evals, batch)))  # the single runs' batches
+    budget = args.epochs * n / batch  # the single runs' work: every image once an epoch, in FGE of a first mini-batch
     traces: Dict[str, List[Dict[str, Any]]] = {label: [] for label in cfgs}
     runs = []
     for label, cfg in cfgs.items():
         state, pts = run(cfg, data, evals)
         runs.append(traced(label, state, pts, budget if label.startswith("single") else args.budget_factor * budget,
-                           traces[label], args.layers))
+                           traces[label], args.layers, batch))
     console = RunConsole()
     console.console.width = max(console.console.width, 150)  # the result table has ten columns
     depths = [d[0] for d in coarse_depths([args.layers], args.levels)]  # steps per level, coarsest first
