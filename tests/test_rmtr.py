@@ -421,3 +421,22 @@ def test_real_fashion_run_learns(fashion_cfg, tmp_path):
     # every cycle ends no higher on its own sample than it started, and most lower it
     assert all(s["psi_after"] <= s["psi_before"] for s in steps)
     assert np.mean([s["psi_after"] < s["psi_before"] for s in steps]) > 0.9
+
+
+@pytest.mark.parametrize("trainer", ["rmtr", "mgopt"])
+def test_nested_iteration_gives_a_shallow_network_the_levels_its_depth_allows(tiny_cfg, tmp_path, trainer):
+    """Under +depth=doubling (nested iteration) trainer.levels applies at the final depth; a shallower network
+    that cannot halve that often gets the levels its depth allows (2 layers: 2 levels), instead of failing at
+    the first level. The final depth still refuses too many levels in preflight."""
+    cfg = tiny_cfg([f"trainer={trainer}", "trainer.levels=3", "+depth=doubling", "depth.start=2", "depth.stop=8",
+                    "model.layers=8", "trainer.epochs=1"])
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and [lv["layers"] for lv in summary["levels"]] == [2, 4, 8]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    key = "radius" if trainer == "rmtr" else "grad_evals"  # one entry per level, coarsest first
+    by_epoch = {}
+    for s in steps:
+        by_epoch.setdefault(s["epoch"], len(s[key]))
+    assert list(by_epoch.values()) == [2, 3, 3]  # 2 layers: 1/2 steps; 4 and 8 layers: 3 levels
+    with pytest.raises(MsnetError, match="trainer.levels=5 halves"):
+        train(tiny_cfg([f"trainer={trainer}", "trainer.levels=5", "model.layers=8"]), tmp_path / "bad")

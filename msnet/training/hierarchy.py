@@ -18,7 +18,7 @@ on every level (identity transfer), each coarse network holding its own copy.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -47,6 +47,17 @@ def coarse_depths(depths: List[int], levels: int) -> List[List[int]]:
             f"or trainer.levels={_max_levels(depths)}"
         )
     return [[n // 2 ** (levels - 1 - i) for n in depths] for i in range(levels)]
+
+
+def nested_settings(settings: Any, model: ODEResNet, final_layers: int) -> Any:
+    """``settings`` for a multilevel rule built on ``model``: under a depth cascade (nested iteration, the F-cycle),
+    a network shallower than the final ``final_layers`` steps per stage gets at most the levels its depth allows
+    (``trainer.levels=6`` at 16 layers: 5 levels, 1 to 16 steps), as a coarse problem of the final hierarchy should;
+    the final depth keeps ``trainer.levels`` and its one-line error if it cannot halve that often."""
+    now = model.depth()
+    if max(now) >= final_layers or settings.levels <= _max_levels(now):
+        return settings
+    return replace(settings, levels=_max_levels(now))
 
 
 def _max_levels(depths: List[int]) -> int:

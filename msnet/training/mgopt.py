@@ -105,7 +105,8 @@ from msnet import MsnetError
 from msnet.config import MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.hierarchy import HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.hierarchy import (HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse,
+                                      hierarchy_parts, move, nested_settings)
 from msnet.training.optim import build_optimizer, build_scheduler, check_optimizer
 from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
@@ -196,7 +197,7 @@ class MGOpt(UpdateRule):
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
                     penalty: Optional[Penalty]) -> "MGOpt":
         """The rule for ``trainer=mgopt``; config problems are one :class:`MsnetError` line."""
-        return cls(model, mgopt_settings(cfg.trainer), opt_cfg, cfg.regularizer, epochs, penalty,
+        return cls(model, nested_settings(mgopt_settings(cfg.trainer), model, int(cfg.model.layers)), opt_cfg, cfg.regularizer, epochs, penalty,
                    cfg.trainer.get("grad_clip"))
 
     def __init__(self, model: ODEResNet, settings: MGOptConfig, opt_cfg: Any, reg_cfg: Any, epochs: int,

@@ -105,7 +105,8 @@ from msnet import MsnetError
 from msnet.config import RMTRConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.hierarchy import HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse, hierarchy_parts, move
+from msnet.training.hierarchy import (HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse,
+                                      hierarchy_parts, move, nested_settings)
 from msnet.training.setup import stochastic_depth_p_last
 from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
@@ -338,7 +339,7 @@ class RMTR(UpdateRule):
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
                     penalty: Optional[Penalty]) -> "RMTR":
         """The rule for ``trainer=rmtr``; config problems are one :class:`MsnetError` line."""
-        return cls(model, rmtr_settings(cfg.trainer), cfg.regularizer, penalty)
+        return cls(model, nested_settings(rmtr_settings(cfg.trainer), model, int(cfg.model.layers)), cfg.regularizer, penalty)
 
     def __init__(self, model: ODEResNet, settings: RMTRConfig, reg_cfg: Any, penalty: Optional[Penalty]):
         self.model, self.s = model, settings
