@@ -250,6 +250,20 @@ MUTATIONS: List[Mutation] = [
         "the state-norm probe does not see a reversible scheme's states with backprop=store",
         ("tests/test_stability.py::test_state_norms_see_every_state_of_every_integrator",),
     ),
+    Mutation(
+        "carry-unscaled", "msnet/multigrid/time.py",
+        "value = TIME_PROLONGATIONS.get(op)(value, p.shape[0]) * ratio ** MOMENT_POWERS[key]",
+        "value = TIME_PROLONGATIONS.get(op)(value, p.shape[0])",
+        "carried optimiser moments are prolonged but not scaled for the smaller step",
+        ("tests/test_depth_carry.py::test_adam_moments_are_prolonged_like_the_weights_and_scaled_for_h",),
+    ),
+    Mutation(
+        "smooth-init-injection-offset", "msnet/multigrid/time.py",
+        'fine = prolong_in_time(restrict_in_time(params, knots, "injection"), n, op)',
+        'fine = prolong_in_time(restrict_in_time(params, knots, "average"), n, op)',
+        "the time-smooth start interpolates means of the draws instead of the draws at the knots",
+        ("tests/test_time_init.py::test_smoothed_steps_are_the_linear_interpolant_of_the_draws_at_the_knots",),
+    ),
 ]
 
 
