@@ -60,8 +60,8 @@ QUICK = {"layers": 64, "channels": 4, "train_subset": 256, "val_size": 500, "epo
          "nest": 16}
 """The presets; a flag given explicitly wins. QUICK is the best regime of the 2026-12-02 map at a size that trains in
 about two minutes: full batch of 256 images, 64 layers x 4 channels, RMTR (4 levels, radius 1.0) started from the
-16-layer network (nested iteration, ``--nest 16``) against Adam tuned over 2e-3, 4e-3, 8e-3 (1.63x fewer FGE,
-1.55-1.60x less wall time in four runs; 128 and 256 layers: docs/results.md)."""
+16-layer network (nested iteration, ``--nest 16``) against Adam tuned over 2e-3, 4e-3, 8e-3 (measured: 1.36-1.63x
+fewer FGE, 1.26-1.58x less wall time over three seeds; 128 and 256 layers: docs/results.md)."""
 
 
 def nested(start: int, layers: int, budget_epochs: int) -> List[str]:
