@@ -206,7 +206,7 @@ def level_summary(state: RunState, lv: Level, d: DataBundle, seconds: float, cfg
     """Accuracy and loss at the end of a level (validation from the last epoch, test measured now)."""
     last = state.history[-1]
     out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}",
-           "layers": state.model.depth()[0], "epochs": lv.trained_epochs(),
+           "layers": state.model.depth()[0], "epochs": _count(lv.trained_epochs()),
            "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"), "time_s": seconds}
     if d.sizes()["test"]:
         m = evaluate(state.model, d.x_test, d.y_test, cfg.trainer.eval_batch_size)
@@ -214,3 +214,8 @@ def level_summary(state: RunState, lv: Level, d: DataBundle, seconds: float, cfg
     if lv.name in state.fits:
         out["stencil_fit"] = state.fits[lv.name]
     return out
+
+
+def _count(epochs: float) -> float | int:
+    """Epochs as a table shows them: ``1``, not ``1.0000``; a fractional level (``depth.sizing=cost``) keeps its share."""
+    return int(epochs) if float(epochs).is_integer() else epochs
