@@ -65,13 +65,18 @@ def epoch_parts(n_train: int, share: float, evals_per_epoch: int,
     return list(torch.randperm(n_train, generator=generator)[:m].chunk(evals_per_epoch))
 
 
+def batch_growth(trainer: Any) -> float:
+    """``trainer.batch_growth``; 1.0 (a fixed mini-batch) for configs saved before it existed."""
+    return float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0)
+
+
 def epoch_batch_size(trainer: Any, epoch: int, n_train: int) -> int:
     """The mini-batch of the run's ``epoch`` (1-based): ``trainer.batch_size`` times ``trainer.batch_growth`` to the
     power ``epoch - 1``, rounded, at most ``trainer.batch_max`` (null: the whole training set). A growing batch
     (the hybrid stochastic-deterministic regime of multilevel training) makes the later epochs' gradients
     near-deterministic; ``batch_growth=1`` keeps ``trainer.batch_size``."""
     b = int(trainer.batch_size)
-    growth = float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0)
+    growth = batch_growth(trainer)
     if growth == 1.0:
         return b
     cap = OmegaConf.select(trainer, "batch_max", default=None) or n_train
@@ -144,7 +149,7 @@ def fit_level(state: RunState, data: DataBundle, level: Level, trainer: Any, *, 
             "wall_time_s": state.wall_time(),
             **rule.epoch_stats(),
         }
-        if float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0) != 1.0:  # a growing batch: this epoch's
+        if batch_growth(trainer) != 1.0:  # a growing batch: this epoch's
             record["batch_size"] = batch
         state.history.append(record)
         yield Step("epoch", level, record, result.seconds)

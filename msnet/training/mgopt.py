@@ -197,8 +197,8 @@ class MGOpt(UpdateRule):
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
                     penalty: Optional[Penalty]) -> "MGOpt":
         """The rule for ``trainer=mgopt``; config problems are one :class:`MsnetError` line."""
-        return cls(model, nested_settings(mgopt_settings(cfg.trainer), model, int(cfg.model.layers)), opt_cfg, cfg.regularizer, epochs, penalty,
-                   cfg.trainer.get("grad_clip"))
+        settings = nested_settings(mgopt_settings(cfg.trainer), model, int(cfg.model.layers))
+        return cls(model, settings, opt_cfg, cfg.regularizer, epochs, penalty, cfg.trainer.get("grad_clip"))
 
     def __init__(self, model: ODEResNet, settings: MGOptConfig, opt_cfg: Any, reg_cfg: Any, epochs: int,
                  penalty: Optional[Penalty], grad_clip: Optional[float] = None):

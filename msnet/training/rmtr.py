@@ -339,7 +339,8 @@ class RMTR(UpdateRule):
     def from_config(cls, model: nn.Module, cfg: Any, opt_cfg: Any, epochs: int,
                     penalty: Optional[Penalty]) -> "RMTR":
         """The rule for ``trainer=rmtr``; config problems are one :class:`MsnetError` line."""
-        return cls(model, nested_settings(rmtr_settings(cfg.trainer), model, int(cfg.model.layers)), cfg.regularizer, penalty)
+        settings = nested_settings(rmtr_settings(cfg.trainer), model, int(cfg.model.layers))
+        return cls(model, settings, cfg.regularizer, penalty)
 
     def __init__(self, model: ODEResNet, settings: RMTRConfig, reg_cfg: Any, penalty: Optional[Penalty]):
         self.model, self.s = model, settings

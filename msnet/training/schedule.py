@@ -26,8 +26,8 @@ from msnet.data import DataBundle
 from msnet.multigrid import (TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, level_data, transfer_depth,
                              transfer_resolution)
 from msnet.multigrid.datafit import check_fittable, fit_sample
-from msnet.multigrid.time import prolong_optimizer_state
 from msnet.multigrid.levels import level_name, parse_level, transfer_settings
+from msnet.multigrid.time import prolong_optimizer_state
 
 @dataclass
 class Level:
@@ -110,7 +110,6 @@ class Schedule:
         if dst.layers is not None and dst.layers != (src.layers or net.depth()[0]):
             net = transfer_depth(net, dst.layers, self.time_prolongation)
         return net, fit
-
 
     def carry(self, src: Level, dst: Level, old_rule: Any, old_net: torch.nn.Module, new_rule: Any,
               new_net: torch.nn.Module) -> int:

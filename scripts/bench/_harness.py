@@ -48,11 +48,15 @@ def start(cfg: DictConfig, data: DataBundle, schedule: Optional[Schedule] = None
     return RunState.start(cfg, spec, schedule, data.x_train.device, data.x_train.dtype), schedule
 
 
+def chunk_images(n: int, evals_per_epoch: int) -> List[int]:
+    """Images in each chunk of an epoch of ``n`` images split as :func:`~msnet.training.fit.fit_level` splits it
+    (``torch.chunk`` of a permutation: fewer than ``evals_per_epoch`` chunks when ``n`` is small)."""
+    return [n] if evals_per_epoch == 1 else [len(c) for c in torch.arange(n).chunk(evals_per_epoch)]
+
+
 def chunk_batches(n: int, evals_per_epoch: int, batch_size: int) -> List[int]:
-    """Mini-batches in each chunk of an epoch of ``n`` images split as :func:`~msnet.training.fit.fit_level`
-    splits it (``torch.chunk`` of a permutation: fewer than ``evals_per_epoch`` chunks when ``n`` is small)."""
-    sizes = [n] if evals_per_epoch == 1 else [len(c) for c in torch.arange(n).chunk(evals_per_epoch)]
-    return [-(-s // batch_size) for s in sizes]
+    """Mini-batches in each chunk of an epoch of ``n`` images (:func:`chunk_images`)."""
+    return [-(-s // batch_size) for s in chunk_images(n, evals_per_epoch)]
 
 
 def points(state: RunState, steps: Iterable[Step], n_train: int, batch_size: int | Callable[[int], int],
@@ -74,8 +78,8 @@ def points(state: RunState, steps: Iterable[Step], n_train: int, batch_size: int
         clock += step.seconds
         r = step.record
         size = batch_of(int(r["epoch"]) if step.kind != "level" else state.epoch + 1)
-        per_chunk = chunk_batches(n_train, evals_per_epoch, size)
-        images = [n_train] if len(per_chunk) == 1 else [len(c) for c in torch.arange(n_train).chunk(evals_per_epoch)]
+        images = chunk_images(n_train, evals_per_epoch)
+        per_chunk = [-(-i // size) for i in images]
         c = r["chunk"] - 1 if step.kind == "chunk" else len(per_chunk) - 1
         batch = images[c] / per_chunk[c]
         if step.kind == "chunk":
