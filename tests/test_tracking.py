@@ -228,3 +228,54 @@ def test_logger_none_writes_no_tracking_file_and_old_configs_read_as_none(tiny_c
     assert not (tmp_path / "run" / "tracking.json").exists()
     old = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "logger"})
     check_config(old)
+
+
+@pytest.mark.parametrize("logger,cls", [("tensorboard", "TensorBoardTracker"), ("mlflow", "MLflowTracker")])
+def test_a_tracker_failing_mid_run_is_one_warning_and_the_run_finishes(tiny_cfg, tmp_path, monkeypatch, logger, cls):
+    # a server that goes away or a full disk in epoch 2 of 3: one warning line, the tracker gets nothing more,
+    # and the run's own files (metrics, summary, checkpoint, console) are whole
+    import msnet.runs.tracking as tracking
+
+    tracker_cls = getattr(tracking, cls)
+    calls: Dict[str, int] = {}
+    real_metrics = tracker_cls.log_metrics
+
+    def counted(name, real=None):
+        def method(self, *args):
+            calls[name] = calls.get(name, 0) + 1
+            if name == "log_metrics" and calls[name] == 2:
+                raise OSError("No space left on device\nsecond line")
+            return real(self, *args) if real else None
+        return method
+
+    monkeypatch.setattr(tracker_cls, "log_metrics", counted("log_metrics", real_metrics))
+    for name in ("log_summary", "log_figure"):
+        monkeypatch.setattr(tracker_cls, name, counted(name))
+    summary = train(tiny_cfg([f"logger={logger}", "trainer.epochs=3"]), tmp_path / "run")
+
+    assert summary["status"] == "completed" and summary["epochs"] == 3
+    assert calls == {"log_metrics": 2}  # nothing after the failure: no third epoch, no summary, no figures
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    expected = f"logger={logger} failed in log_metrics (OSError: No space left on device); msnet sends it nothing more"
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["tracker_error"].startswith(expected) and "logger=none" in on_disk["tracker_error"]
+    assert "\n" not in on_disk["tracker_error"]
+    console = (tmp_path / "run" / "console.txt").read_text()
+    assert console.count("warning: logger=") == 1 and f"warning: {expected}" in console  # one line, as printed
+    assert f"{logger} failed in log_metrics (OSError: No space left on device)" in console.split("summary")[-1]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["logger"] == logger
+
+
+def test_a_tracker_failing_at_its_end_leaves_the_run_and_says_so_in_the_summary(tiny_cfg, tmp_path, monkeypatch):
+    import msnet.runs.tracking as tracking
+
+    def broken(self):
+        raise ConnectionError("server closed the connection")
+
+    monkeypatch.setattr(tracking.TensorBoardTracker, "close", broken)
+    summary = train(tiny_cfg(["logger=tensorboard", "trainer.epochs=1"]), tmp_path / "run")
+    assert summary["status"] == "completed"
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["tracker_error"].startswith("logger=tensorboard failed in close (ConnectionError: server closed")
+    assert on_disk["final_test_acc"] == summary["final_test_acc"]

@@ -21,7 +21,7 @@ from msnet.data import DataBundle, prepare_data
 from msnet.runs import RunConsole, RunDir, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.runs.plots import run_figures
-from msnet.runs.tracking import NullTracker, job_identity, open_tracker
+from msnet.runs.tracking import job_identity, open_tracker
 from msnet.training import distributed
 from msnet.training.fit import level_label, run_levels
 from msnet.training.loop import NonFiniteLoss
@@ -67,6 +67,7 @@ def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]],
     console = console or RunConsole()
     cfg, ckpt = preflight(cfg, env, overrides)
     run = _open_run(cfg, Path(run_dir), ckpt, env)
+    run.on_tracker_failure = lambda message: _warn(console, [message])
     try:
         return _run(cfg, run, ckpt, console, argv, env)
     finally:
@@ -129,7 +130,7 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
     except NonFiniteLoss as err:
         status, error = "failed", str(err)
 
-    if not isinstance(run.tracker, NullTracker):
+    if run.tracked:
         for name, figure in run_figures(state.history, state.model.state_dict()).items():
             run.log_figure(name, figure)
     summary = _summarize(state, schedule, data, status, error, setup_s, device, env, run, ckpt_path)
@@ -233,4 +234,6 @@ def _print_summary(console: RunConsole, summary: Dict[str, Any], state: RunState
     for k in ("final_val_acc", "final_test_acc", "best_val_acc"):
         if k in shown:
             shown[k] = f"{shown[k]:.2%}"
+    if summary.get("tracker_error"):  # the whole line is in the warning above and in summary.json
+        shown["tracker"] = summary["tracker_error"].split(";")[0]
     console.print(key_value_table("summary", shown))
