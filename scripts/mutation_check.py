@@ -264,6 +264,13 @@ MUTATIONS: List[Mutation] = [
         "the time-smooth start interpolates means of the draws instead of the draws at the knots",
         ("tests/test_time_init.py::test_smoothed_steps_are_the_linear_interpolant_of_the_draws_at_the_knots",),
     ),
+    Mutation(
+        "bf16-explicit-state", "msnet/core/network.py",
+        "return self.integrator.integrate(f, state_dtype(y, dtype), self.h, self.layers, own)",
+        "return self.integrator.integrate(f, y, self.h, self.layers, own)",
+        "under bf16 autocast an Euler/RK/LM stage keeps autocast's bf16 state",
+        ("tests/test_precision.py::test_bf16_keeps_every_integrators_state_in_float32",),
+    ),
 ]
 
 

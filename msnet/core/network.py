@@ -24,7 +24,7 @@ from msnet import MsnetError
 from msnet.core.activations import ACTIVATIONS
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator
 from msnet.core.residual import RESIDUALS, AbstractResidual
-from msnet.core.reversible import check_scheme, odeint_scheme, stabilise_, step_ratios, uses_scheme
+from msnet.core.reversible import check_scheme, odeint_scheme, stabilise_, state_dtype, step_ratios, uses_scheme
 from msnet.registry import Registry
 
 
@@ -218,6 +218,11 @@ class ODEBlock(nn.Module):
         u - k_j (u - u_prev) + b_j h F(u), and a Runge-Kutta step drops all its stages.
         Reversible schemes run through :func:`~msnet.core.reversible.odeint_scheme`
         (parts of F evaluated alone; ``backprop``), with the same gates.
+
+        Under autocast (``trainer.precision=bf16``) every integrator keeps the state and its
+        additive steps in the parameters' dtype (float32) and only F runs in bfloat16
+        (:func:`~msnet.core.reversible.state_dtype`): a bf16 state would drop every update
+        below 2^-9 |y|, an error that grows with depth. The output is then float32.
         """
         if uses_scheme(self.integrator):
             scales = None if survival is None else _step_scales(survival, self.training)
@@ -235,7 +240,8 @@ class ODEBlock(nn.Module):
 
         if survival is not None:
             f = _gated(f, survival, self.training)
-        return self.integrator.integrate(f, y, self.h, self.layers, own)
+        dtype = next(iter(self.params.values())).dtype
+        return self.integrator.integrate(f, state_dtype(y, dtype), self.h, self.layers, own)
 
 
 def set_reversible_tf32(model: nn.Module, allowed: bool) -> None:

@@ -19,7 +19,7 @@ Arithmetics (columns):
 - ``tf32 policy`` (CUDA only): TF32 convolutions globally, the reversible stage under msnet's
   default (IEEE float32 inside it): rev/ref should match ``fp32``'s, while store keeps TF32's error;
 - ``bf16``: ``torch.autocast(bfloat16)``, y_0 handed in as bf16 as the opening layer would under
-  autocast (scheme stages keep float32 states; euler keeps autocast's bf16 state).
+  autocast (every stage keeps a float32 state; F runs in bf16).
 
 On the CPU only ``fp32`` and ``bf16`` exist (no TF32); the reference is float64 on the same device.
 
