@@ -203,3 +203,47 @@ def test_a_diverging_trial_does_not_end_a_parallel_study(tmp_path):
     assert last.startswith("warning: 1 trial of the Optuna study failed and counted as the worst value: study/")
     out = msnet("report", "study", cwd=tmp_path).stdout
     assert "3 trials, 1 failed" in out
+
+
+def test_a_study_storage_this_environment_cannot_open_is_one_line(hydra_cfg, monkeypatch):
+    import importlib.metadata as metadata
+
+    from msnet.commands import StudyStorageCheck, study_storage_problem
+
+    real = metadata.version
+    versions = {"optuna": "2.10.1", "sqlalchemy": "2.1.9"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions.get(name.lower()) or real(name))
+    cfg = hydra_cfg(["hydra/sweeper=optuna", "hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=lr"])
+    line = study_storage_problem(cfg)
+    assert line.startswith("hydra.sweeper.storage=sqlite:///study.db: Optuna 2.10.1 (the newest hydra-optuna-sweeper "
+                           "allows) cannot open a database with SQLAlchemy 2.1.9")
+    assert "drop hydra.sweeper.storage" in line and "\n" not in line
+    with pytest.raises(SystemExit) as exit_:
+        StudyStorageCheck().on_multirun_start(cfg)
+    assert exit_.value.code == 2
+    # what can be opened passes: an in-memory study, SQLAlchemy < 2 (or an Optuna that takes SQLAlchemy 2), no sweeper
+    assert study_storage_problem(hydra_cfg(["hydra/sweeper=optuna"])) is None
+    versions["sqlalchemy"] = "1.4.54"
+    assert study_storage_problem(cfg) is None
+    versions.update(optuna="4.5.0", sqlalchemy="2.1.9")
+    assert study_storage_problem(cfg) is None
+    assert study_storage_problem(hydra_cfg(["model.layers=2"])) is None
+
+
+@pytest.mark.slow
+def test_a_database_study_that_cannot_open_stops_before_any_trial(tmp_path):
+    from msnet.commands import study_storage_problem
+
+    args = ["train", "-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log, interval(1e-4, 1e-1))",
+            "hydra.sweeper.n_trials=2", "hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=lr",
+            "hydra.sweep.dir=study", *TINY]
+    proc = msnet(*args, cwd=tmp_path, check=False)
+    from omegaconf import OmegaConf
+
+    expected = study_storage_problem(OmegaConf.create({"hydra": {"sweeper": {
+        "_target_": OPTUNA, "storage": "sqlite:///study.db"}}}))
+    if expected is None:  # an environment whose Optuna opens the database: the study runs
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {expected}"
+    assert not (tmp_path / "study").exists() and not (tmp_path / "study.db").exists()

@@ -243,6 +243,46 @@ def check_objective(cfg: DictConfig) -> None:
                          f"drop the direction override (the optuna preset takes it from trainer.objective)")
 
 
+def study_storage_problem(config: DictConfig) -> Optional[str]:
+    """The one line to print when an Optuna study's ``hydra.sweeper.storage`` cannot be opened (None when it can).
+
+    ``hydra-optuna-sweeper`` 1.3 pins Optuna < 3, whose database storage needs SQLAlchemy < 2, while
+    mlflow (``logger=mlflow``, the ``mlflow`` extra) needs SQLAlchemy 2: with both installed, as
+    ``scripts/setup.sh`` installs them, a database study ends in an ``AssertionError`` deep inside
+    Optuna after the sweep has started. The in-memory study (no storage) is unaffected.
+    """
+    sweeper = config.hydra.get("sweeper") or {}
+    storage = sweeper.get("storage")
+    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not isinstance(storage, str):
+        return None
+    if storage.startswith("redis"):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        optuna_version, sqlalchemy_version = version("optuna"), version("sqlalchemy")
+    except PackageNotFoundError:
+        return None
+    if int(optuna_version.split(".")[0]) >= 3 or int(sqlalchemy_version.split(".")[0]) < 2:
+        return None
+    return (f"hydra.sweeper.storage={storage}: Optuna {optuna_version} (the newest hydra-optuna-sweeper allows) "
+            f"cannot open a database with SQLAlchemy {sqlalchemy_version} (which mlflow needs); drop "
+            f"hydra.sweeper.storage to keep the study in memory (every trial stays in the sweep folder for "
+            f"msnet report), or use a separate environment with 'sqlalchemy<2' 'alembic<1.14' and no mlflow")
+
+
+class StudyStorageCheck(Callback):
+    """A Hydra callback (``conf/hydra/default.yaml``): before a ``-m`` sweep starts, an Optuna study whose
+    ``hydra.sweeper.storage`` this environment cannot open ends in one line, exit code 2
+    (:func:`study_storage_problem`), before any trial runs or any folder is written."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = study_storage_problem(config)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+
+
 class SweepFailures(Callback):
     """A Hydra callback (``conf/hydra/default.yaml``): after a ``-m`` sweep, exit with code 2 if a job failed.
 
