@@ -131,6 +131,21 @@ def conv_norm(K: torch.Tensor, size: int = 16, iters: int = 30, memory: Optional
 RESIDUALS: Registry[type[AbstractResidual]] = Registry("residual function")
 
 
+def stencil_and_bias(channels: int) -> Dict[str, Tuple[int, ...]]:
+    """The per-step shapes of a field with one C x C 3x3 stencil and a bias: ``K (C, C, 3, 3)``, ``b (C,)``
+    (``conv_act``, ``conv_sym``, ``conv_antisym``)."""
+    return {"K": (channels, channels, 3, 3), "b": (channels,)}
+
+
+def init_stencil_and_bias_(params: Params, channels: int) -> None:
+    """K ~ U(-1/sqrt(9C), 1/sqrt(9C)) (PyTorch's default conv scale, 1/sqrt(fan_in)) independently for
+    every step, b = 0; the block then scales each step to its step-size condition where one applies."""
+    bound = 1.0 / math.sqrt(9 * channels)
+    with torch.no_grad():
+        params["K"].uniform_(-bound, bound)
+        params["b"].zero_()
+
+
 @RESIDUALS.register("conv_act")
 class ConvAct(AbstractResidual):
     """F(y) = sigma(K(s) y + b), a 3x3 convolution with stencil s, bias b and activation sigma.
@@ -143,15 +158,10 @@ class ConvAct(AbstractResidual):
     name = "conv_act"
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        c = self.channels
-        return {"K": (c, c, 3, 3), "b": (c,)}
+        return stencil_and_bias(self.channels)
 
     def init_(self, params: Params) -> None:
-        # PyTorch's default conv scale, 1/sqrt(fan_in), independently for every step.
-        bound = 1.0 / math.sqrt(9 * self.channels)
-        with torch.no_grad():
-            params["K"].uniform_(-bound, bound)
-            params["b"].zero_()
+        init_stencil_and_bias_(params, self.channels)
 
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return self.activation(F.conv2d(y, theta["K"], theta["b"], padding=1))

@@ -111,7 +111,8 @@ from torch.autograd.function import once_differentiable
 from msnet import MsnetError
 from msnet.core.device import ieee_fp32_convolutions
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, Params, StepFunction
-from msnet.core.residual import RESIDUALS, AbstractResidual, Spectrum, conv_norm
+from msnet.core.residual import (RESIDUALS, AbstractResidual, Spectrum, conv_norm, init_stencil_and_bias_,
+                                 stencil_and_bias)
 
 State = Tuple[torch.Tensor, ...]
 BACKPROPS = ("store", "reversible")
@@ -448,14 +449,10 @@ class ConvSym(AbstractResidual):
     kernel_degree = 2
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        c = self.channels
-        return {"K": (c, c, 3, 3), "b": (c,)}
+        return stencil_and_bias(self.channels)
 
     def init_(self, params: Params) -> None:
-        bound = _conv_bound(9 * self.channels)
-        with torch.no_grad():
-            params["K"].uniform_(-bound, bound)
-            params["b"].zero_()
+        init_stencil_and_bias_(params, self.channels)
 
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return -sym_conv(y, theta["K"], theta["b"], self.activation)
@@ -509,15 +506,10 @@ class ConvAntisym(AbstractResidual):
     kernel_degree = 1
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        c = self.channels
-        return {"K": (c, c, 3, 3), "b": (c,)}
+        return stencil_and_bias(self.channels)
 
     def init_(self, params: Params) -> None:
-        # PyTorch's default conv scale for K; the block then scales each step to its step-size condition.
-        bound = _conv_bound(9 * self.channels)
-        with torch.no_grad():
-            params["K"].uniform_(-bound, bound)
-            params["b"].zero_()
+        init_stencil_and_bias_(params, self.channels)
 
     def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
         return self.activation(F.conv2d(y, antisym_stencil(theta["K"]), theta["b"], padding=1))
