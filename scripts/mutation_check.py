@@ -271,6 +271,20 @@ MUTATIONS: List[Mutation] = [
         "under bf16 autocast an Euler/RK/LM stage keeps autocast's bf16 state",
         ("tests/test_precision.py::test_bf16_keeps_every_integrators_state_in_float32",),
     ),
+    Mutation(
+        "plateau-delta-sign", "msnet/training/schedule.py",
+        "return min(losses[-patience:]) >= min(losses[:-patience]) - min_delta",
+        "return min(losses[-patience:]) >= min(losses[:-patience]) + min_delta",
+        "trainer.level_min_delta demands a rise instead of allowing a small drop",
+        ("tests/test_level_patience.py",),
+    ),
+    Mutation(
+        "plateau-level-goes-on", "msnet/training/fit.py",
+        "            if over:  # all its epochs, or a validation plateau (trainer.level_patience)",
+        "            if over and not state.ended_early(schedule):",
+        "a level that has plateaued trains on to its scheduled epochs",
+        ("tests/test_level_patience.py",),
+    ),
 ]
 
 

@@ -121,6 +121,12 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
                 if step.kind != "epoch":
                     continue
                 console.print(_epoch_line(step.record, level_label(schedule, step.level, step.record["resolution"])))
+                if state.ended_early(schedule):
+                    by = f" by more than {schedule.min_delta:g}" if schedule.min_delta else ""
+                    span = f"{schedule.patience} epoch" + ("s" if schedule.patience > 1 else "")
+                    console.print(f"{level_label(schedule, step.level, step.record['resolution'])}ends after "
+                                  f"{state.level_epoch} of {step.level.epochs} epochs: its validation loss has not "
+                                  f"improved{by} for {span} (trainer.level_patience)")
                 if state.level_epoch % cfg.trainer.checkpoint_every == 0 or state.finished(schedule):
                     if env.is_main:  # ranks > 0 hold the same weights; rank 0's file is the run's
                         save_checkpoint(ckpt_path, state.payload(cfg, schedule))
@@ -227,7 +233,8 @@ def _print_summary(console: RunConsole, summary: Dict[str, Any], state: RunState
     if len(schedule) > 1 and state.level_summaries:
         shown_levels = [{**lvs, **{k: f"{lvs[k]:.2%}" for k in ("val_acc", "test_acc") if lvs.get(k) is not None}}
                         for lvs in state.level_summaries]
-        console.print(records_table("levels", shown_levels, LEVEL_COLUMNS))
+        ended = ["ended"] if any(lvs.get("ended") for lvs in shown_levels) else []
+        console.print(records_table("levels", shown_levels, LEVEL_COLUMNS + ended))
     shown = {k: summary[k] for k in (
         "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
         "wall_time_s", "parameters", "device", "checkpoint") if summary.get(k) is not None}

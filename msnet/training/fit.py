@@ -193,11 +193,17 @@ def run_levels(state: RunState, schedule: Schedule, data: DataBundle, cfg: DictC
                       "wall_time_s": state.wall_time()}
             state.history.append(record)
         yield Step("level", lv, record, t_level - t0)
+        if state.finished(schedule):  # resumed from the checkpoint of a level's last epoch
+            continue
         for step in fit_level(state, d, lv, cfg.trainer, evals_per_epoch=evals_per_epoch, shard=distributed.shard(env),
                               progress=progress, on_step=on_step, label=level_label(schedule, lv, d.image_size)):
-            if summaries and step.kind == "epoch" and state.finished(schedule):
-                state.level_summaries.append(level_summary(state, lv, d, time.perf_counter() - t_level, cfg))
+            over = step.kind == "epoch" and state.finished(schedule)
+            if summaries and over:
+                state.level_summaries.append(level_summary(state, lv, d, time.perf_counter() - t_level, cfg,
+                                                           state.ended_early(schedule)))
             yield step
+            if over:  # all its epochs, or a validation plateau (trainer.level_patience)
+                break
 
 
 def level_label(schedule: Schedule, level: Level, size: Any) -> str:
@@ -207,12 +213,16 @@ def level_label(schedule: Schedule, level: Level, size: Any) -> str:
     return f"{level.name} {size[0]}x{size[1]}" + (f" {level.layers}L" if level.layers else "") + " "
 
 
-def level_summary(state: RunState, lv: Level, d: DataBundle, seconds: float, cfg: DictConfig) -> Dict[str, Any]:
-    """Accuracy and loss at the end of a level (validation from the last epoch, test measured now)."""
+def level_summary(state: RunState, lv: Level, d: DataBundle, seconds: float, cfg: DictConfig,
+                  ended_early: bool = False) -> Dict[str, Any]:
+    """Accuracy and loss at the end of a level (validation from the last epoch, test measured now); ``ended_early``:
+    the level stopped at a validation plateau after ``state.level_epoch`` epochs (``"ended": "plateau"``)."""
     last = state.history[-1]
     out = {"level": lv.name, "resolution": f"{d.image_size[0]}x{d.image_size[1]}",
-           "layers": state.model.depth()[0], "epochs": _count(lv.trained_epochs()),
+           "layers": state.model.depth()[0], "epochs": state.level_epoch if ended_early else _count(lv.trained_epochs()),
            "val_loss": last.get("val_loss"), "val_acc": last.get("val_acc"), "time_s": seconds}
+    if ended_early:
+        out["ended"] = "plateau"
     if d.sizes()["test"]:
         m = evaluate(state.model, d.x_test, d.y_test, cfg.trainer.eval_batch_size)
         out["test_loss"], out["test_acc"] = m["loss"], m["acc"]

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from msnet import MsnetError
 from msnet.data import DataBundle
@@ -60,8 +61,9 @@ class Schedule:
     (the pyramid's, else ``linear`` and 1); ``time_prolongation``: how parameters move to more
     layers (the depth schedule's, else ``linear``); ``carry_optimizer``: a move in depth alone carries the
     first-order optimiser's state (``depth.carry_optimizer``, :meth:`carry`); ``pyramid``: the pyramid config (stencil fit
-    settings) or None; ``seed``: draws the stencil fit's images. One schedule serves one dataset:
-    :meth:`data_at` caches each level's restricted images.
+    settings) or None; ``seed``: draws the stencil fit's images; ``patience`` / ``min_delta``: a level before the
+    last ends early at a validation plateau (``trainer.level_patience``, :meth:`ends_early`). One schedule serves
+    one dataset: :meth:`data_at` caches each level's restricted images.
     """
 
     levels: List[Level]
@@ -71,6 +73,8 @@ class Schedule:
     pyramid: Any = None
     seed: int = 0
     carry_optimizer: bool = False
+    patience: Optional[int] = None
+    min_delta: float = 0.0
     _data: Dict[int, DataBundle] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -81,6 +85,12 @@ class Schedule:
 
     def __iter__(self) -> Iterator[Level]:
         return iter(self.levels)
+
+    def ends_early(self, index: int, rows: List[Dict[str, Any]]) -> bool:
+        """Whether level ``index`` ends after the epochs ``rows`` (its ``metrics.jsonl`` rows, first first) because
+        its validation loss has plateaued (:func:`plateaued`); never the last level, nor without ``patience``."""
+        return self.patience is not None and index < len(self.levels) - 1 and plateaued(
+            [r.get("val_loss") for r in rows], self.patience, self.min_delta)
 
     def data_at(self, data: DataBundle, down: int) -> DataBundle:
         """``data`` restricted ``down`` times as this schedule restricts it (computed once per level)."""
@@ -122,6 +132,14 @@ class Schedule:
                 or type(old_opt) is not type(new_opt)):
             return 0
         return prolong_optimizer_state(old_opt, old_net, new_opt, new_net, self.time_prolongation)
+
+
+def plateaued(losses: List[Optional[float]], patience: int, min_delta: float = 0.0) -> bool:
+    """Whether none of the last ``patience`` validation losses is more than ``min_delta`` below the best one before
+    them (False until there are more than ``patience``, or when a loss is missing or not finite)."""
+    if len(losses) <= patience or any(v is None or not math.isfinite(v) for v in losses):
+        return False
+    return min(losses[-patience:]) >= min(losses[:-patience]) - min_delta
 
 
 def max_restrictions(native: Tuple[int, int], stages: int) -> int:
@@ -230,8 +248,11 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
     else:
         check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
     operator, sigma = transfer_settings(cfg)
+    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
     return Schedule(levels, operator, sigma, str(depth.prolongation) if depth is not None else "linear", pyramid,
-                    int(cfg.seed), bool(depth.get("carry_optimizer", False)) if depth is not None else False)
+                    int(cfg.seed), bool(depth.get("carry_optimizer", False)) if depth is not None else False,
+                    int(patience) if patience is not None else None,
+                    float(OmegaConf.select(cfg, "trainer.level_min_delta", default=0.0) or 0.0))
 
 
 def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:

@@ -74,6 +74,7 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     if cap is not None and int(cap) < int(cfg.trainer.batch_size):
         raise MsnetError(f"trainer.batch_max={cap} is below trainer.batch_size={cfg.trainer.batch_size}; "
                          f"raise it, or null for the whole training set")
+    check_level_patience(cfg)
     for key in ("channels", "stages", "layers", "growth"):
         if cfg.model[key] < 1:
             raise MsnetError(f"model.{key} must be at least 1, got {cfg.model[key]}")
@@ -91,6 +92,25 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     distributed.check(cfg, env or DistEnv(), rule)
     speed.check(cfg, rule)
     check_backend(cfg)
+
+
+def check_level_patience(cfg: DictConfig) -> None:
+    """``trainer.level_patience`` / ``level_min_delta``: in range, and only where there are levels and validation data."""
+    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
+    delta = OmegaConf.select(cfg, "trainer.level_min_delta", default=0.0)
+    if delta is None or not float(delta) >= 0:
+        raise MsnetError(f"trainer.level_min_delta must be >= 0, got {delta}")
+    if patience is None:
+        return
+    if int(patience) < 1:
+        raise MsnetError(f"trainer.level_patience must be at least 1 (or null: every level trains its epochs), "
+                         f"got {patience}")
+    if cfg.get("pyramid") is None and cfg.get("depth") is None:
+        raise MsnetError(f"trainer.level_patience={patience} ends a level early, but this run has one level; "
+                         f"add +pyramid=2level or +depth=doubling, or drop it")
+    if int(cfg.dataset.val_size) == 0:
+        raise MsnetError(f"trainer.level_patience={patience} watches the validation loss, but dataset.val_size=0 "
+                         f"holds out no validation images; set dataset.val_size=N")
 
 
 def stochastic_depth_p_last(model_cfg: Any) -> float:

@@ -139,8 +139,18 @@ class RunState:
         return state
 
     def finished(self, schedule: Schedule) -> bool:
-        """Whether the current level has had all its epochs."""
-        return self.level_epoch >= schedule[self.level_index].epochs
+        """Whether the current level is over: it has had all its epochs, or it ends early at a validation plateau
+        (``trainer.level_patience``, :meth:`Schedule.ends_early`; read from the history, so a resume agrees)."""
+        return self.level_epoch >= schedule[self.level_index].epochs or self.ended_early(schedule)
+
+    def ended_early(self, schedule: Schedule) -> bool:
+        """Whether the current level ends before its scheduled epochs, at a validation plateau."""
+        return schedule.ends_early(self.level_index, self.level_rows())
+
+    def level_rows(self) -> List[Dict[str, Any]]:
+        """The ``metrics.jsonl`` rows of the current level's finished epochs, first first."""
+        rows = [r for r in self.history if r.get("level_epoch", 0) >= 1]
+        return rows[len(rows) - self.level_epoch:] if self.level_epoch else []
 
     def payload(self, cfg: DictConfig, schedule: Schedule) -> Dict[str, Any]:
         """The checkpoint of this state (:func:`msnet.runs.checkpoint.make_payload`)."""

@@ -1,0 +1,107 @@
+"""``trainer.level_patience``: a level of a schedule (+pyramid, +depth) before the last ends once its validation
+loss has plateaued, the next level starts from there, and a resume from that point agrees with the whole run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msnet import MsnetError
+from msnet.runs import load_checkpoint, read_metrics
+from msnet.training import train
+from msnet.training.schedule import plateaued
+from msnet.training.setup import check_config
+
+TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
+# on the tiny synthetic problem the coarse validation loss falls 0.045 then 0.029 then 0.015 per epoch from epoch 8:
+# with min_delta 0.05 and patience 2 the coarse level of 12 epochs ends after 10 (seen in a run of this config)
+PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.level_min_delta=0.05"]
+
+
+def test_plateau_rule():
+    assert not plateaued([1.0, 1.0], patience=2)  # not more than patience losses yet
+    assert plateaued([1.0, 1.0, 1.0], patience=2)  # no drop at all
+    assert not plateaued([1.0, 1.0, 0.9], patience=2)  # the last one improved on the best before the window
+    assert plateaued([1.0, 0.9, 0.95, 0.92], patience=2)  # the window's best (0.92) is above 0.9
+    assert plateaued([1.0, 0.96, 0.97], patience=2, min_delta=0.05)  # 0.96 is not 0.05 below 1.0
+    assert not plateaued([1.0, 0.94, 0.97], patience=2, min_delta=0.05)
+    assert not plateaued([1.0, None, 1.0], patience=1) and not plateaued([1.0, math.nan, 1.0], patience=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.01, 10.0), min_size=1, max_size=12), st.integers(1, 4), st.floats(0.0, 0.5))
+def test_plateau_rule_properties(losses, patience, delta):
+    # a plateau means exactly: no loss in the window is more than delta below every loss before it
+    window, before = losses[-patience:], losses[:-patience]
+    expected = len(losses) > patience and all(v >= min(before) - delta for v in window)
+    assert plateaued(losses, patience, delta) == expected
+    # a new best by more than delta at the end is never a plateau; a longer patience never stops sooner
+    if len(losses) > 1:
+        assert not plateaued(losses + [min(losses) - delta - 1e-3], patience, delta)
+    if plateaued(losses, patience + 1, delta):
+        assert plateaued(losses, patience, delta)
+
+
+def test_a_pyramid_level_ends_at_a_plateau_and_the_next_starts(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg(PYRAMID), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    coarse = [r for r in rows if r["level"] == "coarse"]
+    assert 2 < len(coarse) < 12 and [r["level_epoch"] for r in coarse] == list(range(1, len(coarse) + 1))
+    assert plateaued([r["val_loss"] for r in coarse], 2, 0.05)  # it ended at a plateau ...
+    assert not plateaued([r["val_loss"] for r in coarse[:-1]], 2, 0.05)  # ... the first one
+    assert [r["level"] for r in rows[len(coarse):]] == ["fine", "fine"]  # the last level trains its epochs
+    levels = summary["levels"]
+    assert levels[0]["epochs"] == len(coarse) and levels[0]["ended"] == "plateau" and "ended" not in levels[1]
+    assert summary["epochs"] == len(coarse) + 2
+    console = (tmp_path / "run" / "console.txt").read_text()
+    assert (f"coarse 4x4 ends after {len(coarse)} of 12 epochs: its validation loss has not improved by more than "
+            f"0.05 for 2 epochs (trainer.level_patience)") in console
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["levels"][0]["ended"] == "plateau"
+
+
+def test_without_patience_every_level_trains_its_epochs(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg(PYRAMID[:2]), tmp_path / "run")
+    assert [lv["epochs"] for lv in summary["levels"]] == [12, 2] and "ended" not in summary["levels"][0]
+
+
+def test_resume_from_the_plateau_checkpoint_equals_the_whole_run(tiny_cfg, tmp_path, fail_epoch):
+    train(tiny_cfg(PYRAMID), tmp_path / "full")
+    full = read_metrics(tmp_path / "full")
+    stop = sum(r["level"] == "coarse" for r in full)
+    cut = fail_epoch(stop + 1)  # Ctrl-C in the fine level's first epoch: the checkpoint is the plateau epoch's
+    with pytest.raises(MsnetError, match="interrupted"):
+        train(tiny_cfg(PYRAMID), tmp_path / "cut")
+    cut.restore()
+    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
+    saved = load_checkpoint(ck)
+    assert saved["level"] == "coarse" and saved["epoch"] == stop
+    train(tiny_cfg([*PYRAMID, f"resume={ck}"]), tmp_path / "resumed", overrides=[f"resume={ck}"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMES} for r in rs]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "resumed")) == strip(full)
+
+
+def test_a_depth_level_ends_at_a_plateau(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(["+depth=doubling", "depth.start=1", "depth.stop=2", "depth.epochs=[12,1]",
+                    "trainer.level_patience=1", "trainer.level_min_delta=0.05"])
+    summary = train(cfg, tmp_path / "run")
+    shallow = summary["levels"][0]
+    assert shallow["layers"] == 1 and shallow["ended"] == "plateau" and shallow["epochs"] < 12
+    assert summary["levels"][1]["layers"] == 2 and summary["levels"][1]["epochs"] == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.level_patience=2"], "trainer.level_patience=2 ends a level early, but this run has one level; "
+                                   "add +pyramid=2level or +depth=doubling, or drop it"),
+    (["+pyramid=2level", "trainer.level_patience=0"], "trainer.level_patience must be at least 1"),
+    (["+depth=doubling", "trainer.level_patience=1", "dataset.val_size=0"],
+     "trainer.level_patience=1 watches the validation loss, but dataset.val_size=0 holds out no validation images"),
+    (["+pyramid=2level", "trainer.level_min_delta=-0.1"], "trainer.level_min_delta must be >= 0, got -0.1"),
+])
+def test_bad_patience_settings_are_one_line(tiny_cfg, overrides, message):
+    with pytest.raises(MsnetError) as err:
+        check_config(tiny_cfg(overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
