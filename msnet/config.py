@@ -193,6 +193,7 @@ class TrainerConfig:
     progress: bool = True  # show the progress bar
     grad_clip: Optional[float] = None  # clip the gradient norm to this; null: no clipping
     checkpoint_every: int = 1  # epochs
+    save_best: bool = True  # also keep checkpoints/best.pt: the last level's epoch with the best validation metric of trainer.objective
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
     # schedules (+pyramid, +depth): a level before the last moves on once its validation loss has not improved
     # for this many epochs, its scheduled epochs being the most it trains; null: every level trains its epochs

@@ -285,6 +285,13 @@ MUTATIONS: List[Mutation] = [
         "a level that has plateaued trains on to its scheduled epochs",
         ("tests/test_level_patience.py",),
     ),
+    Mutation(
+        "best-checkpoint-ties", "msnet/training/state.py",
+        "return not before or (now > max(before) if higher else now < min(before))",
+        "return not before or (now >= max(before) if higher else now <= min(before))",
+        "checkpoints/best.pt moves on to a later epoch that only ties the best validation metric",
+        ("tests/test_best_checkpoint.py",),
+    ),
 ]
 
 

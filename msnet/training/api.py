@@ -27,7 +27,7 @@ from msnet.training.fit import level_label, run_levels
 from msnet.training.loop import NonFiniteLoss
 from msnet.training.schedule import Schedule, build_schedule
 from msnet.training.setup import model_spec, preflight, stability_notes
-from msnet.training.state import RunState
+from msnet.training.state import RunState, best_checkpoint_summary, carry_best, watched_metric
 
 EPOCH_COLUMNS = ["epoch", "level", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "batch_size", "work_fge",
                  "epoch_time_s"]
@@ -104,7 +104,10 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
     _print_start(console, cfg, data, spec, schedule, state, device, env, run)
     _warn(console, stability_notes(cfg.model))
 
-    ckpt_path = run.checkpoints / "last.pt"
+    ckpt_path, best_path = run.checkpoints / "last.pt", run.checkpoints / "best.pt"
+    watch = watched_metric(cfg, data) if env.is_main else None
+    if watch is not None and ckpt is not None:
+        carry_best(Path(ckpt["path"]).parent / "best.pt", best_path, int(ckpt["epoch"]))
     status, error, last_good = "completed", None, None
     state.started = time.perf_counter()
     try:
@@ -131,6 +134,8 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
                     if env.is_main:  # ranks > 0 hold the same weights; rank 0's file is the run's
                         save_checkpoint(ckpt_path, state.payload(cfg, schedule))
                     last_good = state.epoch
+                if watch is not None and state.is_best(schedule, *watch):
+                    save_checkpoint(best_path, state.payload(cfg, schedule))
     except KeyboardInterrupt:
         status = "interrupted"
     except NonFiniteLoss as err:
@@ -139,7 +144,7 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
     if run.tracked:
         for name, figure in run_figures(state.history, state.model.state_dict()).items():
             run.log_figure(name, figure)
-    summary = _summarize(state, schedule, data, status, error, setup_s, device, env, run, ckpt_path)
+    summary = _summarize(state, schedule, data, status, error, setup_s, device, env, run, ckpt_path, cfg)
     _print_summary(console, summary, state, schedule)
     console.save(run.path / "console.txt")
     if status == "failed":
@@ -186,7 +191,7 @@ def _print_start(console: RunConsole, cfg: DictConfig, data: DataBundle, spec: A
 
 def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: str, error: Optional[str],
                setup_s: float, device: torch.device, env: distributed.DistEnv, run: RunDir,
-               ckpt_path: Path) -> Dict[str, Any]:
+               ckpt_path: Path, cfg: DictConfig) -> Dict[str, Any]:
     """``summary.json``: how the run ended, its final and best accuracies, where everything is."""
     history, model = state.history, state.model
     final: Dict[str, Any] = {}
@@ -218,6 +223,8 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
         "levels": state.level_summaries,
         "data_sizes": data.sizes(),
         "checkpoint": str(ckpt_path) if ckpt_path.exists() else None,
+        **best_checkpoint_summary(ckpt_path.parent / "best.pt", model, schedule.data_at(data, schedule[-1].down),
+                                  int(cfg.trainer.eval_batch_size)),
         "resumed_from": state.resumed_from["path"] if state.resumed_from else None,
         "run_dir": str(run.path),
     }
@@ -238,6 +245,10 @@ def _print_summary(console: RunConsole, summary: Dict[str, Any], state: RunState
     shown = {k: summary[k] for k in (
         "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
         "wall_time_s", "parameters", "device", "checkpoint") if summary.get(k) is not None}
+    if summary.get("best_checkpoint"):
+        test = summary.get("best_checkpoint_test_acc")
+        shown["best_checkpoint"] = (f"{summary['best_checkpoint']} (epoch {summary['best_checkpoint_epoch']}"
+                                    + (f", test acc {test:.2%})" if test is not None else ")"))
     for k in ("final_val_acc", "final_test_acc", "best_val_acc"):
         if k in shown:
             shown[k] = f"{shown[k]:.2%}"

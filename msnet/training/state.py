@@ -9,9 +9,14 @@ holds (:func:`msnet.runs.checkpoint.make_payload`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +25,9 @@ from msnet import MsnetError
 from msnet.core import ModelSpec, build_model
 from msnet.multigrid.time import smooth_in_time_
 from msnet.runs import load_checkpoint, make_payload
+from msnet.data import DataBundle
 from msnet.runs.checkpoint import load_model_state, saved_spec
+from msnet.training.loop import evaluate
 from msnet.training.schedule import Schedule, check_stencil_fit
 from msnet.training.setup import set_seed
 from msnet.training.updates import UpdateRule
@@ -147,6 +154,17 @@ class RunState:
         """Whether the current level ends before its scheduled epochs, at a validation plateau."""
         return schedule.ends_early(self.level_index, self.level_rows())
 
+    def is_best(self, schedule: Schedule, key: str, higher: bool) -> bool:
+        """Whether the epoch just finished is the last level's best so far by the validation metric ``key``
+        (``higher``: larger is better); strictly better than every earlier epoch of that level."""
+        if self.level_index != len(schedule) - 1 or not self.level_epoch:
+            return False
+        values = [r.get(key) for r in self.level_rows()]
+        now, before = values[-1], [v for v in values[:-1] if v is not None and math.isfinite(v)]
+        if now is None or not math.isfinite(now):
+            return False
+        return not before or (now > max(before) if higher else now < min(before))
+
     def level_rows(self) -> List[Dict[str, Any]]:
         """The ``metrics.jsonl`` rows of the current level's finished epochs, first first."""
         rows = [r for r in self.history if r.get("level_epoch", 0) >= 1]
@@ -160,3 +178,45 @@ class RunState:
             history=self.history, position=(self.level_index, self.level_epoch), levels=self.level_summaries,
             schedule=[lv.to_dict() for lv in schedule],
         )
+
+
+# --- the best checkpoint (trainer.save_best) --------------------------------------------------------
+
+
+def watched_metric(cfg: DictConfig, data: DataBundle) -> Optional[Tuple[str, bool]]:
+    """The validation metric ``checkpoints/best.pt`` follows: ``("val_acc", True)`` (higher is better) for an
+    accuracy ``trainer.objective``, ``("val_loss", False)`` for a loss; None without ``trainer.save_best`` or
+    without validation images."""
+    if not OmegaConf.select(cfg, "trainer.save_best", default=True) or not data.sizes()["val"]:
+        return None
+    objective = str(OmegaConf.select(cfg, "trainer.objective", default="best_val_acc"))
+    return ("val_acc", True) if objective.endswith("_acc") else ("val_loss", False)
+
+
+def carry_best(previous: Path, path: Path, epoch: int) -> None:
+    """A resumed run starts with the best checkpoint of the run it resumes (``previous``), if that one is from
+    an epoch at or before the resumed checkpoint's ``epoch`` (a later one will be trained again). Copied
+    atomically (temp file, ``os.replace``)."""
+    if not previous.is_file() or previous.resolve() == path.resolve():
+        return
+    if int(load_checkpoint(previous)["epoch"]) > epoch:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(previous, tmp)
+    os.replace(tmp, path)
+
+
+def best_checkpoint_summary(path: Path, model: torch.nn.Module, data: DataBundle, batch_size: int) -> Dict[str, Any]:
+    """``summary.json``'s view of ``checkpoints/best.pt``: its path and epoch, and its test loss and accuracy
+    (``data``: the last level's images; the weights are loaded into a copy of ``model``). Empty without one."""
+    if not path.is_file():
+        return {}
+    best = load_checkpoint(path)
+    out: Dict[str, Any] = {"best_checkpoint": str(path), "best_checkpoint_epoch": int(best["epoch"])}
+    if data.sizes()["test"]:
+        twin = copy.deepcopy(model)
+        load_model_state(twin, best)
+        m = evaluate(twin, data.x_test, data.y_test, batch_size)
+        out["best_checkpoint_test_loss"], out["best_checkpoint_test_acc"] = m["loss"], m["acc"]
+    return out
