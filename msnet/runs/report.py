@@ -18,7 +18,8 @@ from msnet import MsnetError
 from msnet.runs.rundir import read_metrics
 
 METRIC_COLUMNS = [
-    "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc", "wall_time_s",
+    "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc", "best_checkpoint_test_acc",
+    "wall_time_s",
 ]
 IGNORED_KEYS = ("resume", "dataset.root", "threads")
 
