@@ -4,17 +4,19 @@ A new run starts with :meth:`RunState.start` (a seeded network on the schedule's
 optionally warm-started with ``init=``); an interrupted one continues with
 :meth:`RunState.resume` (the same network rebuilt, moved through the levels it had finished,
 its weights, RNG streams and history loaded). :meth:`RunState.payload` is what a checkpoint
-holds (:func:`msnet.runs.checkpoint.make_payload`).
+holds (:func:`msnet.runs.checkpoint.make_payload`). The run's best checkpoint (``trainer.save_best``) is
+decided here too (:meth:`RunState.is_best`, :func:`watched_metric`, :func:`carry_best`,
+:func:`best_checkpoint_summary`).
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
 import copy
+import math
 import os
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -24,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, build_model
 from msnet.multigrid.time import smooth_in_time_
-from msnet.runs import load_checkpoint, make_payload
 from msnet.data import DataBundle
+from msnet.runs import load_checkpoint, make_payload
 from msnet.runs.checkpoint import load_model_state, saved_spec
 from msnet.training.loop import evaluate
 from msnet.training.schedule import Schedule, check_stencil_fit
