@@ -279,3 +279,27 @@ def test_a_tracker_failing_at_its_end_leaves_the_run_and_says_so_in_the_summary(
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["tracker_error"].startswith("logger=tensorboard failed in close (ConnectionError: server closed")
     assert on_disk["final_test_acc"] == summary["final_test_acc"]
+
+
+def test_the_ranks_of_a_sweep_job_find_their_sweep_folder(tmp_path, monkeypatch):
+    from msnet.commands.train import sweep_group_for_ranks
+    from msnet.runs.tracking import SWEEP_GROUP_ENV, job_identity
+
+    monkeypatch.delenv(SWEEP_GROUP_ENV, raising=False)
+    assert job_identity(tmp_path / "run") == {"name": "run", "group": None}
+    with sweep_group_for_ranks(str(tmp_path / "sweep")):  # what msnet train sets around torchrun in a sweep
+        assert job_identity(tmp_path / "run") == {"name": "run", "group": str(tmp_path / "sweep")}
+    assert SWEEP_GROUP_ENV not in __import__("os").environ
+    with sweep_group_for_ranks(None):  # a single run: nothing set
+        assert job_identity(tmp_path / "run")["group"] is None
+
+
+@pytest.mark.slow
+def test_a_data_parallel_sweep_job_is_tagged_with_its_sweep(tmp_path):
+    msnet("train", "-m", "trainer.devices=2", "logger=mlflow", "model.layers=1", "threads=1", "trainer.progress=false",
+          *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    client = mlflow_client(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("msnet").experiment_id])
+    assert run.data.tags["msnet.sweep"] == str((tmp_path / "sweep").resolve())
+    assert run.data.tags["msnet.run_dir"] == str((tmp_path / "sweep" / "0").resolve())
+    assert "model.layers=1" in run.info.run_name

@@ -1,7 +1,9 @@
 """``msnet train``: wires the composed config to :func:`msnet.training.train` and returns the objective to a sweeper."""
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -45,7 +47,8 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
     check_objective(cfg)
     if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir
         sweep = hc.mode == RunMode.MULTIRUN
-        code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
+        with sweep_group_for_ranks(str(Path(hc.sweep.dir).resolve()) if sweep else None):
+            code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
         if code and not sweep:  # the ranks printed the error; in a sweep their error.txt marks the job failed
             raise SystemExit(code)
         if code:
@@ -54,3 +57,21 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
 
         return json.loads((Path(run_dir) / "summary.json").read_text())
     return train(cfg, run_dir, overrides=overrides)
+
+
+@contextmanager
+def sweep_group_for_ranks(group: Optional[str]) -> Iterator[None]:
+    """While torchrun's ranks run a sweep job: ``MSNET_SWEEP_GROUP`` = the sweep folder, so that rank 0's tracker
+    tags the run with its sweep as a job trained in one process does (:func:`msnet.runs.tracking.job_identity`)."""
+    from msnet.runs.tracking import SWEEP_GROUP_ENV
+
+    before = os.environ.get(SWEEP_GROUP_ENV)
+    if group is not None:
+        os.environ[SWEEP_GROUP_ENV] = group
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SWEEP_GROUP_ENV, None)
+        else:
+            os.environ[SWEEP_GROUP_ENV] = before

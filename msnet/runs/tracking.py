@@ -35,6 +35,9 @@ from msnet import MsnetError
 
 TRACKING_FILE = "tracking.json"
 LOGGERS = ("tensorboard", "mlflow")  # besides none; each is also the name of the msnet extra that installs it
+SWEEP_GROUP_ENV = "MSNET_SWEEP_GROUP"
+"""Set by ``msnet train`` for the torchrun ranks of a sweep job (``trainer.devices=K``): the sweep folder the job
+belongs to, which the ranks, started as single runs, cannot read from Hydra."""
 
 
 class Tracker(Protocol):
@@ -352,14 +355,16 @@ def check_backend(cfg: DictConfig) -> None:
 
 def job_identity(run_path: Path) -> Dict[str, Optional[str]]:
     """The tracked run's name and group: in a ``-m`` sweep job, its overrides (``k=v,k=v``, Hydra's
-    ``override_dirname``) and the sweep folder; otherwise the overrides or, without any, the run folder's name."""
+    ``override_dirname``) and the sweep folder; otherwise the overrides or, without any, the run folder's name.
+    The ranks of a data-parallel sweep job find the sweep folder in ``MSNET_SWEEP_GROUP`` (:data:`SWEEP_GROUP_ENV`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    inherited = os.environ.get(SWEEP_GROUP_ENV) or None
     if not HydraConfig.initialized():
-        return {"name": run_path.name, "group": None}
+        return {"name": run_path.name, "group": inherited}
     hc = HydraConfig.get()
-    group = str(Path(hc.sweep.dir).resolve()) if hc.mode == RunMode.MULTIRUN else None
+    group = str(Path(hc.sweep.dir).resolve()) if hc.mode == RunMode.MULTIRUN else inherited
     return {"name": hc.job.override_dirname or run_path.name, "group": group}
 
 
