@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -107,6 +108,45 @@ def fail_epoch(monkeypatch):
         return Handle()
 
     return arm
+
+
+TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
+
+
+def strip_times(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``metrics.jsonl`` rows without their clock readings: what two runs of the same work share exactly."""
+    return [{k: v for k, v in r.items() if k not in TIMES} for r in records]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The checkpoints ``a`` and ``b`` hold bit-identical weights."""
+    from msnet.runs import load_checkpoint
+
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+@pytest.fixture
+def cut_and_resume(tiny_cfg, tmp_path, fail_epoch) -> Callable[..., Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """``cut_and_resume(overrides, epoch)``: train ``tiny_cfg(overrides)`` into ``tmp_path / "cut"`` with Ctrl-C in
+    its ``epoch``-th epoch, then resume that run's ``checkpoints/last.pt`` into ``tmp_path / "resumed"`` as a user
+    would (``resume=PATH`` among the overrides). Returns the cut run's checkpoint and the resumed run's summary."""
+    from msnet import MsnetError
+    from msnet.runs import load_checkpoint
+    from msnet.training import train
+
+    def _run(overrides: List[str], epoch: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        cut = fail_epoch(epoch)
+        with pytest.raises(MsnetError, match=f"interrupted during epoch {epoch}; continue with: msnet train resume="):
+            train(tiny_cfg(overrides), tmp_path / "cut")
+        cut.restore()
+        ck = tmp_path / "cut" / "checkpoints" / "last.pt"
+        summary = train(tiny_cfg([*overrides, f"resume={ck}"]), tmp_path / "resumed", overrides=[f"resume={ck}"])
+        return load_checkpoint(ck), summary
+
+    return _run
 
 
 @pytest.fixture(autouse=True)

@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from msnet import MsnetError
-from msnet.runs import load_checkpoint, read_metrics
+from msnet.runs import read_metrics
 from msnet.training import train
 from msnet.training.fit import epoch_batch_size
 from msnet.training.setup import check_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 from _harness import run  # noqa: E402
+from tests.conftest import assert_same_weights  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +42,7 @@ def test_bad_growth_settings_fail_in_one_line(tiny_cfg):
         check_config(tiny_cfg(["trainer.batch_size=32", "trainer.batch_max=10"]))
 
 
-def test_a_growing_run_records_each_epochs_batch_and_resumes_exactly(tiny_cfg, tmp_path, fail_epoch):
+def test_a_growing_run_records_each_epochs_batch_and_resumes_exactly(tiny_cfg, tmp_path, cut_and_resume):
     cfg = tiny_cfg(["trainer.epochs=3", "trainer.batch_size=32", "trainer.batch_growth=2"])
     full = train(cfg, tmp_path / "full")
     assert [m["batch_size"] for m in read_metrics(tmp_path / "full")] == [32, 64, 128]
@@ -50,18 +50,9 @@ def test_a_growing_run_records_each_epochs_batch_and_resumes_exactly(tiny_cfg, t
     assert "batch_size" not in read_metrics(tmp_path / "fixed")[0]  # a fixed batch adds no column
     assert full["final_test_loss"] != fixed["final_test_loss"]
 
-    cut = fail_epoch(3)
-    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
-        train(cfg, tmp_path / "cut")
-    cut.restore()
-    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
-    train(tiny_cfg(["trainer.epochs=3", "trainer.batch_size=32", "trainer.batch_growth=2", f"resume={ck}"]),
-          tmp_path / "resumed", overrides=[f"resume={ck}"])
+    cut_and_resume(["trainer.epochs=3", "trainer.batch_size=32", "trainer.batch_growth=2"], 3)
     assert [m["batch_size"] for m in read_metrics(tmp_path / "resumed")] == [32, 64, 128]
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert_same_weights(tmp_path / "full" / "checkpoints" / "last.pt", tmp_path / "resumed" / "checkpoints" / "last.pt")
 
 
 def test_the_benchmarks_points_count_the_grown_batches(tiny_cfg):

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
-from msnet.runs import load_checkpoint, read_metrics
+from msnet.runs import read_metrics
 from msnet.training import build_optimizer, train
 from msnet.config import BCDConfig
 from msnet.training.bcd import BCD, bcd_settings, gn_subsample, stored_states
@@ -301,18 +301,12 @@ def test_train_with_bcd_lowers_the_objective_every_iteration(tiny_cfg, tmp_path,
     assert [m["bcd_cg_iters"] for m in metrics] == [2 * 3, 2 * 3]  # per epoch: 2 batches x cg_iters
 
 
-def test_resume_equals_uninterrupted_bcd_run(tiny_cfg, tmp_path, fail_epoch):
+def test_resume_equals_uninterrupted_bcd_run(tiny_cfg, tmp_path, cut_and_resume):
     overrides = ["optimizer=bcd", "optimizer.cg_iters=3", "optimizer.classifier_steps=2", "optimizer.damping=0.5",
                  "trainer.epochs=3", "threads=1"]
     full = train(tiny_cfg(overrides), tmp_path / "full")
-    cut = fail_epoch(3)
-    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
-        train(tiny_cfg(overrides), tmp_path / "cut")
-    cut.restore()
-    ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    ckpt, resumed = cut_and_resume(overrides, 3)
     assert ckpt["bcd"]["iterations"] == 2 * 7 and "damping" in ckpt["bcd"]  # 400 images, batches of 64
-    resumed = train(tiny_cfg(overrides + [f"resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"]),
-                    tmp_path / "resumed", overrides=["resume=..."])
     assert resumed["final_test_loss"] == pytest.approx(full["final_test_loss"], rel=1e-12)
     assert read_steps(tmp_path / "resumed") == read_steps(tmp_path / "full")[2 * 7:]
 

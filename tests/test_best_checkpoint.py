@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from msnet import MsnetError
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.tasks.evaluate import evaluate_checkpoint
 from msnet.training import train
+
+from .conftest import assert_same_weights
 
 # a constant learning rate, so that a run of E epochs is the first E epochs of a longer one; lr 0.05 makes the
 # validation accuracy of this tiny problem go up and down (in this run: best at epoch 4 of 8)
@@ -69,19 +70,12 @@ def test_no_best_checkpoint_without_save_best_or_validation(tiny_cfg, tmp_path, 
     assert not any(k.startswith("best_checkpoint") for k in summary)
 
 
-def test_a_resumed_run_keeps_the_best_checkpoint(tiny_cfg, tmp_path, fail_epoch):
+def test_a_resumed_run_keeps_the_best_checkpoint(tiny_cfg, tmp_path, cut_and_resume):
     train(tiny_cfg(BUMPY), tmp_path / "full")
     best = load_checkpoint(tmp_path / "full" / "checkpoints" / "best.pt")["epoch"]
-    cut = fail_epoch(best + 2)  # interrupted after the best epoch: the resumed run never trains it again
-    with pytest.raises(MsnetError, match="interrupted"):
-        train(tiny_cfg(BUMPY), tmp_path / "cut")
-    cut.restore()
-    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
-    summary = train(tiny_cfg([*BUMPY, f"resume={ck}"]), tmp_path / "resumed", overrides=[f"resume={ck}"])
+    _, summary = cut_and_resume(BUMPY, best + 2)  # Ctrl-C after the best epoch: the resumed run never trains it again
     assert summary["best_checkpoint_epoch"] == best
-    a, b = _weights(tmp_path / "full" / "checkpoints" / "best.pt"), _weights(tmp_path / "resumed" / "checkpoints" / "best.pt")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert_same_weights(tmp_path / "full" / "checkpoints" / "best.pt", tmp_path / "resumed" / "checkpoints" / "best.pt")
 
 
 def test_the_first_of_equal_bests_is_kept_and_only_the_last_level_counts():

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msnet import MsnetError
-from msnet.runs import load_checkpoint, read_metrics
+from msnet.runs import read_metrics
 from msnet.training import train
 from msnet.training.schedule import plateaued
 from msnet.training.setup import check_config
 
-TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
+from .conftest import strip_times
+
 # on the tiny synthetic problem the coarse validation loss falls 0.045 then 0.029 then 0.015 per epoch from epoch 8:
 # with min_delta 0.05 and patience 2 the coarse level of 12 epochs ends after 10 (seen in a run of this config)
 PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.level_min_delta=0.05"]
@@ -68,20 +69,13 @@ def test_without_patience_every_level_trains_its_epochs(tiny_cfg, tmp_path):
     assert [lv["epochs"] for lv in summary["levels"]] == [12, 2] and "ended" not in summary["levels"][0]
 
 
-def test_resume_from_the_plateau_checkpoint_equals_the_whole_run(tiny_cfg, tmp_path, fail_epoch):
+def test_resume_from_the_plateau_checkpoint_equals_the_whole_run(tiny_cfg, tmp_path, cut_and_resume):
     train(tiny_cfg(PYRAMID), tmp_path / "full")
     full = read_metrics(tmp_path / "full")
     stop = sum(r["level"] == "coarse" for r in full)
-    cut = fail_epoch(stop + 1)  # Ctrl-C in the fine level's first epoch: the checkpoint is the plateau epoch's
-    with pytest.raises(MsnetError, match="interrupted"):
-        train(tiny_cfg(PYRAMID), tmp_path / "cut")
-    cut.restore()
-    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
-    saved = load_checkpoint(ck)
+    saved, _ = cut_and_resume(PYRAMID, stop + 1)  # Ctrl-C in the fine level's first epoch: the plateau epoch's checkpoint
     assert saved["level"] == "coarse" and saved["epoch"] == stop
-    train(tiny_cfg([*PYRAMID, f"resume={ck}"]), tmp_path / "resumed", overrides=[f"resume={ck}"])
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMES} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "resumed")) == strip(full)
+    assert strip_times(read_metrics(tmp_path / "resumed")) == strip_times(full)
 
 
 def test_a_depth_level_ends_at_a_plateau(tiny_cfg, tmp_path):

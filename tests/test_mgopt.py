@@ -21,12 +21,11 @@ from msnet.config import MGOptConfig
 from msnet.training.mgopt import MGOpt, coarse_depths
 from msnet.training.regularizers import build_regularizer
 
-from .conftest import needs_fashion
+from .conftest import assert_same_weights, needs_fashion, strip_times
 
 ADAM = OmegaConf.create({"name": "adam", "lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0,
                          "scheduler": "constant"})
 NO_REG = OmegaConf.create({"classifier_smoothness": 0.0, "stencil_smoothness": 0.0})
-TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -282,27 +281,15 @@ def test_coarse_depths():
         coarse_depths([10], 3)
 
 
-def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, fail_epoch):
+def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, cut_and_resume):
     over = ["trainer=mgopt", "model.layers=4", "trainer.epochs=3", "threads=1", "trainer.coarse_steps=2"]
-    cfg = tiny_cfg(over)
-    train(cfg, tmp_path / "full")
-
-    cut = fail_epoch(3)
-    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
-        train(cfg, tmp_path / "cut")
-    cut.restore()
-    ck = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    train(tiny_cfg(over), tmp_path / "full")
+    ck, _ = cut_and_resume(over, 3)
     assert len(ck["mgopt"]["levels"]) == 1 and ck["mgopt"]["levels"][0]["optimizer"]["state"]
-
-    train(tiny_cfg(over + [f"resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"]), tmp_path / "resumed",
-          overrides=["resume=..."])
-    strip = [[{k: v for k, v in r.items() if k not in TIMES} for r in read_metrics(tmp_path / d)]
-             for d in ("full", "resumed")]
-    assert strip[0] == strip[1] and strip[0][-1]["work_fge"] > 0
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    full, resumed = (strip_times(read_metrics(tmp_path / d)) for d in ("full", "resumed"))
+    assert resumed == full and full[-1]["work_fge"] > 0
+    assert_same_weights(tmp_path / "full" / "checkpoints" / "last.pt", tmp_path / "resumed" / "checkpoints" / "last.pt")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("full", "resumed"))
     assert a["mgopt"]["work_fge"] == b["mgopt"]["work_fge"]
 
 

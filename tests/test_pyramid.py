@@ -18,7 +18,8 @@ from msnet.training.regularizers import build_regularizer, classifier_smoothness
 from msnet.multigrid import parse_level
 from msnet.training.schedule import build_schedule
 
-TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
+from .conftest import strip_times
+
 OPS = TRANSFERS.names()
 
 
@@ -267,19 +268,12 @@ def test_block_pyramid_trains_on_block_averages(compose_cfg, tiny_cfg, tmp_path)
     assert lrs == [run.optimizer.lr, 5e-4]  # each level's first (and only) epoch
 
 
-def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, fail_epoch):
-    cfg = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]"])
-    train(cfg, tmp_path / "full")
-    cut = fail_epoch(3)  # first epoch of the fine level
-    with pytest.raises(MsnetError, match="interrupted"):
-        train(cfg, tmp_path / "cut")
-    cut.restore()
-    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
-    assert load_checkpoint(ck)["level"] == "coarse"
-    resumed = tiny_cfg(["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]", f"resume={ck}"])
-    train(resumed, tmp_path / "resumed", overrides=[f"resume={ck}"])
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMES} for r in rs]  # noqa: E731
-    assert strip(read_metrics(tmp_path / "resumed")) == strip(read_metrics(tmp_path / "full"))
+def test_pyramid_resume_across_a_level_boundary(tiny_cfg, tmp_path, cut_and_resume):
+    over = ["dataset.image_size=16", "+pyramid=2level", "pyramid.epochs=[2,2]"]
+    train(tiny_cfg(over), tmp_path / "full")
+    cut, _ = cut_and_resume(over, 3)  # Ctrl-C in the first epoch of the fine level
+    assert cut["level"] == "coarse"
+    assert strip_times(read_metrics(tmp_path / "resumed")) == strip_times(read_metrics(tmp_path / "full"))
 
 
 def test_train_at_a_coarse_level(tiny_cfg, tmp_path):

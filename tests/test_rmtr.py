@@ -23,11 +23,10 @@ from msnet.training.hierarchy import couple_coarse
 from msnet.training.regularizers import build_regularizer
 from msnet.training.rmtr import LSR1, RMTR, flat, model_decrease, next_radius, steihaug
 
-from .conftest import needs_fashion
+from .conftest import assert_same_weights, needs_fashion, strip_times
 from .test_mgopt import batch, linear_P, tiny_net
 
 NO_REG = OmegaConf.create({"classifier_smoothness": 0.0, "stencil_smoothness": 0.0})
-TIMES = ("epoch_time_s", "samples_per_s", "wall_time_s")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -378,30 +377,18 @@ def test_bad_settings_fail_in_preflight_with_one_line(tiny_cfg, tmp_path, monkey
 
 
 # --- runs ---------------------------------------------------------------------------------------
-def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, fail_epoch):
+def test_resume_equals_uninterrupted_run(tiny_cfg, tmp_path, cut_and_resume):
     """The radius, the L-SR1 pairs, the window and the growth counters come back from the checkpoint: a run cut
     in its third epoch and resumed writes the same metrics and weights as one that never stopped."""
     over = ["trainer=rmtr", "model.layers=4", "trainer.epochs=3", "threads=1", "trainer.grow_patience=1",
             "trainer.window_max=2", "trainer.memory=3"]
-    cfg = tiny_cfg(over)
-    train(cfg, tmp_path / "full")
-
-    cut = fail_epoch(3)
-    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
-        train(cfg, tmp_path / "cut")
-    cut.restore()
-    ck = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    train(tiny_cfg(over), tmp_path / "full")
+    ck, _ = cut_and_resume(over, 3)
     assert ck["rmtr"]["window"] == 2 and all(len(lv["S"]) for lv in ck["rmtr"]["lsr1"])
-
-    train(tiny_cfg(over + [f"resume={tmp_path / 'cut' / 'checkpoints' / 'last.pt'}"]), tmp_path / "resumed",
-          overrides=["resume=..."])
-    strip = [[{k: v for k, v in r.items() if k not in TIMES} for r in read_metrics(tmp_path / d)]
-             for d in ("full", "resumed")]
-    assert strip[0] == strip[1] and strip[0][-1]["work_fge"] > 0
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0)
+    full, resumed = (strip_times(read_metrics(tmp_path / d)) for d in ("full", "resumed"))
+    assert resumed == full and full[-1]["work_fge"] > 0
+    assert_same_weights(tmp_path / "full" / "checkpoints" / "last.pt", tmp_path / "resumed" / "checkpoints" / "last.pt")
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "last.pt") for d in ("full", "resumed"))
     assert a["rmtr"]["radius"] == b["rmtr"]["radius"] and a["rmtr"]["work_fge"] == b["rmtr"]["work_fge"]
 
 

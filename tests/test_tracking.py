@@ -76,17 +76,10 @@ def test_tensorboard_run_holds_every_epoch_the_hparams_and_the_figure(tiny_cfg, 
     assert "figures/levels" in ea.Tags()["images"]
 
 
-def test_tensorboard_resume_continues_the_same_folder(tiny_cfg, tmp_path, fail_epoch):
+def test_tensorboard_resume_continues_the_same_folder(tmp_path, cut_and_resume):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = tiny_cfg(["logger=tensorboard", "trainer.epochs=3"])
-    cut = fail_epoch(3)
-    with pytest.raises(MsnetError, match="interrupted during epoch 3"):
-        train(cfg, tmp_path / "cut")
-    cut.restore()
-    ck = tmp_path / "cut" / "checkpoints" / "last.pt"
-    train(tiny_cfg(["logger=tensorboard", "trainer.epochs=3", f"resume={ck}"]), tmp_path / "resumed",
-          overrides=[f"resume={ck}"])
+    cut_and_resume(["logger=tensorboard", "trainer.epochs=3"], 3)
     assert not (tmp_path / "resumed" / "tensorboard").exists()
     ea = EventAccumulator(str(tmp_path / "cut" / "tensorboard"))
     ea.Reload()
