@@ -161,7 +161,8 @@ def _fake_run(path: Path, layers: int, optimizer: str, seed: int, status: str = 
     (path / "metrics.jsonl").write_text("".join(
         json.dumps({"epoch": e, "val_acc": a, "train_loss": 1.0}) + "\n" for e, a in zip((1, 2, 3), curve)))
     summary = {"status": status, "epochs": 3, "final_val_acc": curve[-1], "final_test_acc": curve[-1] - 0.02 * seed,
-               "final_test_loss": 0.5 + 0.1 * seed, "best_val_acc": max(curve), "wall_time_s": 10.0 + seed + layers}
+               "final_test_loss": 0.5 + 0.1 * seed, "best_val_acc": max(curve),
+               "best_checkpoint_test_acc": max(curve) - 0.01 * seed, "wall_time_s": 10.0 + seed + layers}
     (path / "summary.json").write_text(json.dumps(summary))
     return summary
 
@@ -202,7 +203,7 @@ def test_group_report_means_and_stds(tmp_path):
     assert float(rows[0]["final_test_acc_std"]) == pytest.approx(first["std"])
     md = (root / "report_groups.md").read_text().splitlines()
     assert md[0] == ("| model.layers | optimizer | n | failed | final val % | final test % | final test loss "
-                     "| best val % | time s |")
+                     "| best val % | best.pt test % | time s |")
     assert md[2].startswith(f"| 2 | adam | 3 | 1 | {100 * groups[0]['metrics']['final_val_acc']['mean']:.2f} ± "
                             f"{100 * groups[0]['metrics']['final_val_acc']['std']:.2f} |")
     assert (root / "report_groups.png").read_bytes()[:8] == PNG

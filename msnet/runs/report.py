@@ -178,9 +178,10 @@ def report(root: str | Path, sort: Optional[str] = None) -> Tuple[List[str], Lis
     return columns, rows
 
 
-GROUP_METRICS = ["final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc", "wall_time_s"]
+GROUP_METRICS = ["final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc", "best_checkpoint_test_acc",
+                 "wall_time_s"]
 GROUP_HEADERS = {"final_val_acc": "final val %", "final_test_acc": "final test %", "final_test_loss": "final test loss",
-                 "best_val_acc": "best val %", "wall_time_s": "time s"}
+                 "best_val_acc": "best val %", "best_checkpoint_test_acc": "best.pt test %", "wall_time_s": "time s"}
 GROUP_FILES = ("report_groups.md", "report_groups.csv", "report_groups.png")
 
 
