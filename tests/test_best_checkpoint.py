@@ -28,7 +28,7 @@ def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_best_checkpoint_is_the_best_validation_epoch_and_its_weights(tiny_cfg, tmp_path, compose_cfg):
+def test_best_checkpoint_is_the_best_validation_epoch_and_its_weights(tiny_cfg, tmp_path, compose_cfg, capsys):
     summary = train(tiny_cfg(BUMPY), tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     best = _first_best(rows, "val_acc", True)
@@ -48,6 +48,11 @@ def test_best_checkpoint_is_the_best_validation_epoch_and_its_weights(tiny_cfg, 
     assert summary["best_checkpoint_test_loss"] == pytest.approx(test["loss"], rel=1e-9)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["best_checkpoint"] == str(ckpts / "best.pt")
     assert "best_checkpoint" in (tmp_path / "run" / "console.txt").read_text()
+    # evaluating last.pt points at best.pt, since they differ
+    capsys.readouterr()
+    evaluate_checkpoint(compose_cfg("evaluate", [f"ckpt={ckpts / 'last.pt'}", "device=cpu"]))
+    assert (f"this run also keeps the network of its best validation epoch ({best}): msnet evaluate "
+            f"ckpt={ckpts / 'best.pt'}") in capsys.readouterr().out
 
 
 def test_a_loss_objective_keeps_the_lowest_validation_loss(tiny_cfg, tmp_path):

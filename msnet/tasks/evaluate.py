@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from msnet import MsnetError
 from msnet.data import prepare_data
 from msnet.multigrid import data_for_size
-from msnet.runs import RunConsole, RunDir, restore
+from msnet.runs import RunConsole, RunDir, load_checkpoint, restore
 from msnet.runs.display import records_table
 from msnet.training.loop import evaluate
 
@@ -47,6 +47,12 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
     )
     shown = [{**r, "acc": f"{r['acc']:.2%}"} for r in records]
     console.print(records_table("evaluation", shown, ["split", "loss", "acc", "n"]))
+    best = Path(ckpt["path"]).with_name("best.pt")
+    if Path(ckpt["path"]).name == "last.pt" and best.is_file():
+        epoch = load_checkpoint(best)["epoch"]
+        if epoch != ckpt["epoch"]:
+            console.print(f"this run also keeps the network of its best validation epoch ({epoch}): "
+                          f"msnet evaluate ckpt={best}")
     if run_dir is not None:
         run = RunDir(run_dir)
         run.write_config(cfg)
