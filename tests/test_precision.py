@@ -223,3 +223,13 @@ def test_cuda_bf16_reversible_agrees_with_store(name):
     store, rev = (_cuda_grads(name, 32, bp, "ieee", bf16=True) for bp in ("store", "reversible"))
     assert _rel(rev, store) < BF16_TOL
     assert _rel(rev, exact) < BF16_VS_FP32
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", EXPLICIT)
+def test_cuda_bf16_keeps_explicit_stages_within_bf16_error(name):
+    """On CUDA too, an Euler/RK/LM stage under bf16 (float32 state) stays within BF16_STORE_TOL of the IEEE float32
+    gradients at 64 steps, with the rest of the network in bf16 (opening layer, classifier)."""
+    with ieee_fp32_convolutions():
+        ref = _stage_grads(name, 64, "store", "fp32", device="cuda")
+    assert _rel(_stage_grads(name, 64, "store", "bf16", device="cuda"), ref) < BF16_STORE_TOL
