@@ -198,7 +198,9 @@ class TrainerConfig:
     # schedules (+pyramid, +depth): a level before the last moves on once its validation loss has not improved
     # for this many epochs, its scheduled epochs being the most it trains; null: every level trains its epochs
     level_patience: Optional[int] = None
-    level_min_delta: float = 0.0  # under level_patience, an improvement is a drop in validation loss of more than this
+    # early stopping: the run (its last level) ends once its validation loss has not improved for this many epochs
+    patience: Optional[int] = None
+    min_delta: float = 0.0  # under level_patience and patience, an improvement is a drop in validation loss of more than this
     # data-parallel and GPU speed (msnet/training/distributed.py, msnet/training/speed.py); first-order optimizers only
     devices: int = 1  # K > 1: `msnet train` starts K processes with torchrun (DDP, one GPU or CPU share each)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast around the forward; needs dtype=float32)

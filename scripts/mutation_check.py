@@ -275,7 +275,7 @@ MUTATIONS: List[Mutation] = [
         "plateau-delta-sign", "msnet/training/schedule.py",
         "return min(losses[-patience:]) >= min(losses[:-patience]) - min_delta",
         "return min(losses[-patience:]) >= min(losses[:-patience]) + min_delta",
-        "trainer.level_min_delta demands a rise instead of allowing a small drop",
+        "trainer.min_delta demands a rise instead of allowing a small drop",
         ("tests/test_level_patience.py",),
     ),
     Mutation(

@@ -1,5 +1,6 @@
 """``trainer.level_patience``: a level of a schedule (+pyramid, +depth) before the last ends once its validation
-loss has plateaued, the next level starts from there, and a resume from that point agrees with the whole run."""
+loss has plateaued, the next level starts from there, and a resume from that point agrees with the whole run;
+``trainer.patience``: the same rule at the last level, early stopping of the run."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .conftest import strip_times
 
 # on the tiny synthetic problem the coarse validation loss falls 0.045 then 0.029 then 0.015 per epoch from epoch 8:
 # with min_delta 0.05 and patience 2 the coarse level of 12 epochs ends after 10 (seen in a run of this config)
-PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.level_min_delta=0.05"]
+PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.min_delta=0.05"]
 
 
 def test_plateau_rule():
@@ -80,11 +81,48 @@ def test_resume_from_the_plateau_checkpoint_equals_the_whole_run(tiny_cfg, tmp_p
 
 def test_a_depth_level_ends_at_a_plateau(tiny_cfg, tmp_path):
     cfg = tiny_cfg(["+depth=doubling", "depth.start=1", "depth.stop=2", "depth.epochs=[12,1]",
-                    "trainer.level_patience=1", "trainer.level_min_delta=0.05"])
+                    "trainer.level_patience=1", "trainer.min_delta=0.05"])
     summary = train(cfg, tmp_path / "run")
     shallow = summary["levels"][0]
     assert shallow["layers"] == 1 and shallow["ended"] == "plateau" and shallow["epochs"] < 12
     assert summary["levels"][1]["layers"] == 2 and summary["levels"][1]["epochs"] == 1
+
+
+EARLY = ["trainer.epochs=12", "trainer.patience=2", "trainer.min_delta=0.05"]
+
+
+def test_early_stopping_ends_the_run_at_a_plateau(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg(EARLY), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert 2 < len(rows) < 12 and summary["epochs"] == len(rows) and summary["status"] == "completed"
+    losses = [r["val_loss"] for r in rows]
+    assert plateaued(losses, 2, 0.05) and not plateaued(losses[:-1], 2, 0.05)  # the first plateau
+    assert summary["stopped_early"] == f"after {len(rows)} of 12 epochs (trainer.patience)"
+    assert summary["final_test_acc"] is not None and summary["levels"][0]["ended"] == "plateau"
+    console = (tmp_path / "run" / "console.txt").read_text()
+    assert (f"the run stops after {len(rows)} of 12 epochs: its validation loss has not improved by more than 0.05 "
+            f"for 2 epochs (trainer.patience)") in console
+    # its last checkpoint is a finished run: a resume says how to train on
+    ck = tmp_path / "run" / "checkpoints" / "last.pt"
+    with pytest.raises(MsnetError) as err:
+        train(tiny_cfg([*EARLY, f"resume={ck}"]), tmp_path / "again", overrides=[f"resume={ck}"])
+    assert str(err.value) == (f"checkpoint {ck} stopped early after {len(rows)} epochs (trainer.patience=2: its "
+                              f"validation loss had stopped improving); raise trainer.patience or set "
+                              f"trainer.patience=null to train further")
+    longer = train(tiny_cfg([*EARLY[:1], "trainer.patience=null", f"resume={ck}"]), tmp_path / "longer",
+                   overrides=[f"resume={ck}", "trainer.patience=null"])
+    assert longer["epochs"] == 12 and "stopped_early" not in longer
+
+
+def test_early_stopping_and_level_patience_each_watch_their_levels(tiny_cfg, tmp_path):
+    # level_patience alone never stops the last level; patience alone never ends the coarse level early
+    levels_only = train(tiny_cfg(PYRAMID[:2] + ["pyramid.epochs=[12,12]", "trainer.level_patience=2",
+                                                "trainer.min_delta=0.05"]), tmp_path / "levels")
+    assert levels_only["levels"][0]["ended"] == "plateau" and levels_only["levels"][1]["epochs"] == 12
+    run_only = train(tiny_cfg(PYRAMID[:2] + ["pyramid.epochs=[12,12]", "trainer.patience=2",
+                                             "trainer.min_delta=0.05"]), tmp_path / "run")
+    assert run_only["levels"][0]["epochs"] == 12 and "ended" not in run_only["levels"][0]
+    assert run_only["levels"][1]["ended"] == "plateau" and run_only["levels"][1]["epochs"] < 12
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -93,7 +131,10 @@ def test_a_depth_level_ends_at_a_plateau(tiny_cfg, tmp_path):
     (["+pyramid=2level", "trainer.level_patience=0"], "trainer.level_patience must be at least 1"),
     (["+depth=doubling", "trainer.level_patience=1", "dataset.val_size=0"],
      "trainer.level_patience=1 watches the validation loss, but dataset.val_size=0 holds out no validation images"),
-    (["+pyramid=2level", "trainer.level_min_delta=-0.1"], "trainer.level_min_delta must be >= 0, got -0.1"),
+    (["+pyramid=2level", "trainer.min_delta=-0.1"], "trainer.min_delta must be >= 0, got -0.1"),
+    (["trainer.patience=0"], "trainer.patience must be at least 1 (or null: no early stopping), got 0"),
+    (["trainer.patience=3", "dataset.val_size=0"],
+     "trainer.patience=3 watches the validation loss, but dataset.val_size=0 holds out no validation images"),
 ])
 def test_bad_patience_settings_are_one_line(tiny_cfg, overrides, message):
     with pytest.raises(MsnetError) as err:

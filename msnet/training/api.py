@@ -125,11 +125,7 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
                     continue
                 console.print(_epoch_line(step.record, level_label(schedule, step.level, step.record["resolution"])))
                 if state.ended_early(schedule):
-                    by = f" by more than {schedule.min_delta:g}" if schedule.min_delta else ""
-                    span = f"{schedule.patience} epoch" + ("s" if schedule.patience > 1 else "")
-                    console.print(f"{level_label(schedule, step.level, step.record['resolution'])}ends after "
-                                  f"{state.level_epoch} of {step.level.epochs} epochs: its validation loss has not "
-                                  f"improved{by} for {span} (trainer.level_patience)")
+                    console.print(_plateau_line(state, schedule, step.level, step.record["resolution"]))
                 if state.level_epoch % cfg.trainer.checkpoint_every == 0 or state.finished(schedule):
                     if env.is_main:  # ranks > 0 hold the same weights; rank 0's file is the run's
                         save_checkpoint(ckpt_path, state.payload(cfg, schedule))
@@ -161,6 +157,16 @@ def _warn(console: RunConsole, lines: List[str]) -> None:
     """Warnings that do not stop the run (an integrator on a field it is not stable on), one line each."""
     for line in lines:
         console.print(f"[yellow]warning:[/yellow] {line}")
+
+
+def _plateau_line(state: RunState, schedule: Schedule, level: Any, resolution: Any) -> str:
+    """The line printed when a level (or the run, at its last level) ends early at a validation plateau."""
+    patience = schedule.patience_of(state.level_index)
+    by = f" by more than {schedule.min_delta:g}" if schedule.min_delta else ""
+    span = f"{patience} epoch" + ("s" if patience > 1 else "")
+    what = "the run stops" if state.level_index == len(schedule) - 1 else f"{level_label(schedule, level, resolution)}ends"
+    return (f"{what} after {state.level_epoch} of {level.epochs} epochs: its validation loss has not improved{by} "
+            f"for {span} ({schedule.patience_key(state.level_index)})")
 
 
 def _epoch_line(r: Dict[str, Any], label: str) -> str:
@@ -230,6 +236,8 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
     }
     if error:
         summary["error"] = error
+    if state.level_index == len(schedule) - 1 and state.level_epoch < schedule[-1].epochs and state.ended_early(schedule):
+        summary["stopped_early"] = f"after {state.level_epoch} of {schedule[-1].epochs} epochs (trainer.patience)"
     run.write_summary(summary)
     return summary
 
@@ -243,7 +251,7 @@ def _print_summary(console: RunConsole, summary: Dict[str, Any], state: RunState
         ended = ["ended"] if any(lvs.get("ended") for lvs in shown_levels) else []
         console.print(records_table("levels", shown_levels, LEVEL_COLUMNS + ended))
     shown = {k: summary[k] for k in (
-        "status", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
+        "status", "stopped_early", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
         "wall_time_s", "parameters", "device", "checkpoint") if summary.get(k) is not None}
     if summary.get("best_checkpoint"):
         test = summary.get("best_checkpoint_test_acc")

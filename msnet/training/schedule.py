@@ -61,9 +61,10 @@ class Schedule:
     (the pyramid's, else ``linear`` and 1); ``time_prolongation``: how parameters move to more
     layers (the depth schedule's, else ``linear``); ``carry_optimizer``: a move in depth alone carries the
     first-order optimiser's state (``depth.carry_optimizer``, :meth:`carry`); ``pyramid``: the pyramid config (stencil fit
-    settings) or None; ``seed``: draws the stencil fit's images; ``patience`` / ``min_delta``: a level before the
-    last ends early at a validation plateau (``trainer.level_patience``, :meth:`ends_early`). One schedule serves
-    one dataset: :meth:`data_at` caches each level's restricted images.
+    settings) or None; ``seed``: draws the stencil fit's images; ``patience`` / ``final_patience`` / ``min_delta``:
+    a level before the last (``trainer.level_patience``), or the last one (``trainer.patience``, early stopping),
+    ends early at a validation plateau (:meth:`ends_early`). One schedule serves one dataset: :meth:`data_at`
+    caches each level's restricted images.
     """
 
     levels: List[Level]
@@ -75,6 +76,7 @@ class Schedule:
     carry_optimizer: bool = False
     patience: Optional[int] = None
     min_delta: float = 0.0
+    final_patience: Optional[int] = None
     _data: Dict[int, DataBundle] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -88,9 +90,18 @@ class Schedule:
 
     def ends_early(self, index: int, rows: List[Dict[str, Any]]) -> bool:
         """Whether level ``index`` ends after the epochs ``rows`` (its ``metrics.jsonl`` rows, first first) because
-        its validation loss has plateaued (:func:`plateaued`); never the last level, nor without ``patience``."""
-        return self.patience is not None and index < len(self.levels) - 1 and plateaued(
-            [r.get("val_loss") for r in rows], self.patience, self.min_delta)
+        its validation loss has plateaued (:func:`plateaued`) for the level's patience (:meth:`patience_of`)."""
+        patience = self.patience_of(index)
+        return patience is not None and plateaued([r.get("val_loss") for r in rows], patience, self.min_delta)
+
+    def patience_of(self, index: int) -> Optional[int]:
+        """The plateau patience of level ``index``: ``trainer.patience`` for the last, ``trainer.level_patience``
+        for the others (None: it trains all its epochs)."""
+        return self.final_patience if index == len(self.levels) - 1 else self.patience
+
+    def patience_key(self, index: int) -> str:
+        """The setting behind :meth:`patience_of` (for messages)."""
+        return "trainer.patience" if index == len(self.levels) - 1 else "trainer.level_patience"
 
     def data_at(self, data: DataBundle, down: int) -> DataBundle:
         """``data`` restricted ``down`` times as this schedule restricts it (computed once per level)."""
@@ -249,10 +260,12 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
         check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
     operator, sigma = transfer_settings(cfg)
     patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
+    final = OmegaConf.select(cfg, "trainer.patience", default=None)
     return Schedule(levels, operator, sigma, str(depth.prolongation) if depth is not None else "linear", pyramid,
                     int(cfg.seed), bool(depth.get("carry_optimizer", False)) if depth is not None else False,
                     int(patience) if patience is not None else None,
-                    float(OmegaConf.select(cfg, "trainer.level_min_delta", default=0.0) or 0.0))
+                    float(OmegaConf.select(cfg, "trainer.min_delta", default=0.0) or 0.0),
+                    int(final) if final is not None else None)
 
 
 def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:

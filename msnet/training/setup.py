@@ -95,11 +95,19 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
 
 
 def check_level_patience(cfg: DictConfig) -> None:
-    """``trainer.level_patience`` / ``level_min_delta``: in range, and only where there are levels and validation data."""
-    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
-    delta = OmegaConf.select(cfg, "trainer.level_min_delta", default=0.0)
+    """``trainer.level_patience`` / ``patience`` / ``min_delta``: in range, and only where there are levels (for
+    ``level_patience``) and validation data."""
+    delta = OmegaConf.select(cfg, "trainer.min_delta", default=0.0)
     if delta is None or not float(delta) >= 0:
-        raise MsnetError(f"trainer.level_min_delta must be >= 0, got {delta}")
+        raise MsnetError(f"trainer.min_delta must be >= 0, got {delta}")
+    final = OmegaConf.select(cfg, "trainer.patience", default=None)
+    if final is not None:
+        if int(final) < 1:
+            raise MsnetError(f"trainer.patience must be at least 1 (or null: no early stopping), got {final}")
+        if int(cfg.dataset.val_size) == 0:
+            raise MsnetError(f"trainer.patience={final} watches the validation loss, but dataset.val_size=0 "
+                             f"holds out no validation images; set dataset.val_size=N")
+    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
     if patience is None:
         return
     if int(patience) < 1:

@@ -141,6 +141,12 @@ class RunState:
                 f"checkpoint {ckpt['path']} already finished {ckpt['epoch']} epochs; "
                 f"add trainer.epochs=N with N > {ckpt['epoch']} to train further"
             )
+        if state.level_index == len(schedule) - 1 and state.ended_early(schedule):
+            raise MsnetError(
+                f"checkpoint {ckpt['path']} stopped early after {ckpt['epoch']} epochs (trainer.patience="
+                f"{schedule.final_patience}: its validation loss had stopped improving); raise trainer.patience or "
+                f"set trainer.patience=null to train further"
+            )
         state.epoch = state.history[-1]["epoch"] if state.history else 0
         state.level_summaries = list(ckpt.get("levels", []))
         state.wall_before = state.history[-1]["wall_time_s"] if state.history else 0.0
