@@ -100,3 +100,15 @@ def test_the_first_of_equal_bests_is_kept_and_only_the_last_level_counts():
     # coarse epochs never count; the fine level's first epoch is its best so far; a tie is not a new best; nor NaN
     assert seen == [False, False, True, True, False, False]
     assert [state.is_best(schedule, "val_loss", False)] == [False]
+
+
+def test_a_best_checkpoint_at_the_final_epoch_reuses_the_final_test_pass(tiny_cfg, tmp_path, compose_cfg):
+    summary = train(tiny_cfg(["trainer.epochs=1"]), tmp_path / "run")  # one epoch: best.pt is the final network
+    assert summary["best_checkpoint_epoch"] == summary["epochs"] == 1
+    assert summary["best_checkpoint_test_acc"] == summary["final_test_acc"]
+    assert summary["best_checkpoint_test_loss"] == summary["final_test_loss"]
+    records = evaluate_checkpoint(compose_cfg("evaluate", [f"ckpt={tmp_path / 'run' / 'checkpoints' / 'best.pt'}",
+                                                          "device=cpu"]))
+    test = next(r for r in records if r["split"] == "test")
+    assert summary["best_checkpoint_test_acc"] == pytest.approx(test["acc"])
+    assert summary["best_checkpoint_test_loss"] == pytest.approx(test["loss"], rel=1e-9)

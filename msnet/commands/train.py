@@ -1,16 +1,14 @@
 """``msnet train``: wires the composed config to :func:`msnet.training.train` and returns the objective to a sweeper."""
 
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, ContextManager, Dict, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from msnet.commands import CONFIG_PATH, check_objective, errors_as_lines, seed_job
+from msnet.commands import CONFIG_PATH, check_objective, errors_as_lines
 from msnet.config import Objective
 
 
@@ -43,12 +41,14 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
-    cfg, overrides = seed_job(cfg), list(hc.overrides.task)
+    overrides = list(hc.overrides.task)
+    sweep = hc.mode == RunMode.MULTIRUN
+    # a job of a sweep records the command that reproduces it alone, not the whole -m line
+    argv = ["msnet train", *overrides] if sweep else None
     check_objective(cfg)
     if should_launch(cfg):  # trainer.devices=K: the K ranks run this command under torchrun, into run_dir
-        sweep = hc.mode == RunMode.MULTIRUN
         with sweep_group_for_ranks(str(Path(hc.sweep.dir).resolve()) if sweep else None):
-            code = launch(cfg, run_dir, overrides + ([f"seed={cfg.seed}"] if sweep else []))
+            code = launch(cfg, run_dir, overrides)
         if code and not sweep:  # the ranks printed the error; in a sweep their error.txt marks the job failed
             raise SystemExit(code)
         if code:
@@ -56,22 +56,12 @@ def run(cfg: DictConfig) -> Optional[Dict[str, Any]]:
         import json
 
         return json.loads((Path(run_dir) / "summary.json").read_text())
-    return train(cfg, run_dir, overrides=overrides)
+    return train(cfg, run_dir, overrides=overrides, argv=argv)
 
 
-@contextmanager
-def sweep_group_for_ranks(group: Optional[str]) -> Iterator[None]:
+def sweep_group_for_ranks(group: Optional[str]) -> ContextManager[None]:
     """While torchrun's ranks run a sweep job: ``MSNET_SWEEP_GROUP`` = the sweep folder, so that rank 0's tracker
     tags the run with its sweep as a job trained in one process does (:func:`msnet.runs.tracking.job_identity`)."""
-    from msnet.runs.tracking import SWEEP_GROUP_ENV
+    from msnet.runs.tracking import SWEEP_GROUP_ENV, scoped_environ
 
-    before = os.environ.get(SWEEP_GROUP_ENV)
-    if group is not None:
-        os.environ[SWEEP_GROUP_ENV] = group
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(SWEEP_GROUP_ENV, None)
-        else:
-            os.environ[SWEEP_GROUP_ENV] = before
+    return scoped_environ({SWEEP_GROUP_ENV: group})

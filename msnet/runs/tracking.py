@@ -372,9 +372,15 @@ def job_identity(run_path: Path) -> Dict[str, Optional[str]]:
 def _quick_failure() -> Iterator[None]:
     """MLflow's HTTP client retries an unreachable server for minutes (7 retries, backoff up to 2 min); opening
     the run retries once, so that a wrong ``logger.tracking_uri`` fails in seconds. Later requests retry as usual."""
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    before = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+    with scoped_environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}):
+        yield
+
+
+@contextmanager
+def scoped_environ(values: Dict[str, Optional[str]]) -> Iterator[None]:
+    """Environment variables set to ``values`` (None: left as they are) inside the block, put back after it."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
     try:
         yield
     finally:

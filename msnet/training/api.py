@@ -126,12 +126,14 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
                 console.print(_epoch_line(step.record, level_label(schedule, step.level, step.record["resolution"])))
                 if state.ended_early(schedule):
                     console.print(_plateau_line(state, schedule, step.level, step.record["resolution"]))
+                payload = None  # built once for last.pt and best.pt alike
                 if state.level_epoch % cfg.trainer.checkpoint_every == 0 or state.finished(schedule):
                     if env.is_main:  # ranks > 0 hold the same weights; rank 0's file is the run's
-                        save_checkpoint(ckpt_path, state.payload(cfg, schedule))
+                        payload = state.payload(cfg, schedule)
+                        save_checkpoint(ckpt_path, payload)
                     last_good = state.epoch
                 if watch is not None and state.is_best(schedule, *watch):
-                    save_checkpoint(best_path, state.payload(cfg, schedule))
+                    save_checkpoint(best_path, payload or state.payload(cfg, schedule))
     except KeyboardInterrupt:
         status = "interrupted"
     except NonFiniteLoss as err:
@@ -230,13 +232,13 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
         "data_sizes": data.sizes(),
         "checkpoint": str(ckpt_path) if ckpt_path.exists() else None,
         **best_checkpoint_summary(ckpt_path.parent / "best.pt", model, schedule.data_at(data, schedule[-1].down),
-                                  int(cfg.trainer.eval_batch_size)),
+                                  int(cfg.trainer.eval_batch_size), (state.epoch, final)),
         "resumed_from": state.resumed_from["path"] if state.resumed_from else None,
         "run_dir": str(run.path),
     }
     if error:
         summary["error"] = error
-    if state.level_index == len(schedule) - 1 and state.level_epoch < schedule[-1].epochs and state.ended_early(schedule):
+    if state.level_index == len(schedule) - 1 and state.ended_early(schedule):
         summary["stopped_early"] = f"after {state.level_epoch} of {schedule[-1].epochs} epochs (trainer.patience)"
     run.write_summary(summary)
     return summary

@@ -160,7 +160,8 @@ class RunState:
 
     def ended_early(self, schedule: Schedule) -> bool:
         """Whether the current level ends before its scheduled epochs, at a validation plateau."""
-        return schedule.ends_early(self.level_index, self.level_rows())
+        return (self.level_epoch < schedule[self.level_index].epochs
+                and schedule.ends_early(self.level_index, self.level_rows()))
 
     def is_best(self, schedule: Schedule, key: str, higher: bool) -> bool:
         """Whether the epoch just finished is the last level's best so far by the validation metric ``key``
@@ -215,14 +216,19 @@ def carry_best(previous: Path, path: Path, epoch: int) -> None:
     os.replace(tmp, path)
 
 
-def best_checkpoint_summary(path: Path, model: torch.nn.Module, data: DataBundle, batch_size: int) -> Dict[str, Any]:
+def best_checkpoint_summary(path: Path, model: torch.nn.Module, data: DataBundle, batch_size: int,
+                            final: Optional[Tuple[int, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """``summary.json``'s view of ``checkpoints/best.pt``: its path and epoch, and its test loss and accuracy
-    (``data``: the last level's images; the weights are loaded into a copy of ``model``). Empty without one."""
+    (``data``: the last level's images; the weights are loaded into a copy of ``model``). Empty without one.
+    ``final``: ``(epoch, level summary)`` of the network the run ended with; when best.pt is that epoch its test
+    metrics are the summary's, not measured again."""
     if not path.is_file():
         return {}
     best = load_checkpoint(path)
     out: Dict[str, Any] = {"best_checkpoint": str(path), "best_checkpoint_epoch": int(best["epoch"])}
-    if data.sizes()["test"]:
+    if final is not None and final[0] == out["best_checkpoint_epoch"] and final[1].get("test_acc") is not None:
+        out["best_checkpoint_test_loss"], out["best_checkpoint_test_acc"] = final[1]["test_loss"], final[1]["test_acc"]
+    elif data.sizes()["test"]:
         twin = copy.deepcopy(model)
         load_model_state(twin, best)
         m = evaluate(twin, data.x_test, data.y_test, batch_size)
