@@ -333,7 +333,7 @@ class TrainConfig:
     pyramid: Optional[PyramidConfig] = None  # image-pyramid schedule: +pyramid=NAME (conf/pyramid/)
     depth: Optional[DepthConfig] = None  # shallow-to-deep schedule: +depth=NAME (conf/depth/)
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
-    seed: int = 0  # seeds initialisation, batch order and stochastic depth (job K of a sweep: seed + K)
+    seed: int = 0  # seeds initialisation, batch order and stochastic depth (every sweep job uses the seed it is given)
     device: str = "auto"  # auto (CUDA when there is a GPU) | cpu | cuda
     dtype: Dtype = Dtype.float32  # float32 | float64
     threads: Optional[int] = None  # torch CPU threads; null: torch's default
@@ -436,7 +436,7 @@ def _store_optuna_preset(cs: ConfigStore) -> None:
     Plugins.instance()
     cs.store(group="hydra/sweeper", name="optuna", node=OptunaPreset, provider="msnet")
     # Every sampler that takes a seed (tpe, random, cmaes, nsgaii, motpe; not grid) is seeded with the run's
-    # seed, so a study is repeatable; each trial still trains with seed + its job number.
+    # seed, so a study is repeatable; every trial trains with that seed too.
     for file in cs.list("hydra/sweeper/sampler"):
         node = copy.deepcopy(cs.load(f"hydra/sweeper/sampler/{file}").node)
         if "seed" in node:

@@ -50,7 +50,9 @@ def test_sweep_then_report(tmp_path):
         layers, seed = cfg.split("layers: ")[1].split()[0], int(cfg.split("\nseed: ")[1].split()[0])
         typed_seed = int(typed.split("\nseed: ")[1].split()[0])
         seen.add((layers, typed_seed))
-        assert seed == typed_seed + int(job.name)  # each job seeds seed + job number
+        assert seed == typed_seed  # the typed seed is the seed used
+        assert (job / "command.txt").read_text().split() == ["msnet", "train", f"model.layers={layers}",
+                                                             f"seed={seed}", *TINY]  # the job alone
         assert json.loads((job / "summary.json").read_text())["status"] == "completed"
         assert (job / "checkpoints" / "last.pt").exists() and (job / "metrics.jsonl").exists()
     assert seen == {("1", 0), ("1", 1), ("2", 0), ("2", 1)}

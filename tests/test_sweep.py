@@ -18,7 +18,7 @@ from omegaconf import open_dict
 
 from msnet import MsnetError
 from msnet.cli import rewrite
-from msnet.commands import SweepFailures, errors_as_lines, seed_job
+from msnet.commands import SweepFailures, errors_as_lines
 from msnet.runs.report import GROUP_METRICS, group_report
 from tests.test_cli import TINY, msnet
 
@@ -85,10 +85,23 @@ def test_launcher_presets_compose(launcher, target, values):
 # --- seeds -------------------------------------------------------------------------------------
 
 
-def test_each_sweep_job_gets_seed_plus_job_number(hydra_job):
-    assert seed_job(hydra_job("MULTIRUN", 3)).seed == 13
-    assert seed_job(hydra_job("MULTIRUN", 0)).seed == 10
-    assert seed_job(hydra_job("RUN", 3)).seed == 10  # a single run keeps its seed
+@pytest.mark.slow
+def test_every_job_of_a_sweep_trains_with_the_typed_seed(tmp_path):
+    """``-m model.layers=2,4 seed=3``: both jobs seed 3, so they shuffle the same batches (the data-order
+    generator in each checkpoint is the one seed 3 gives after one epoch's permutation), and each job's
+    command.txt reproduces that job alone."""
+    import torch
+
+    msnet("train", "-m", "model.layers=2,4", "seed=3", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    n_train = int(next(o for o in TINY if o.startswith("dataset.n_train=")).split("=")[1]) - 100  # val_size=100
+    expected = torch.Generator().manual_seed(3)
+    torch.randperm(n_train, generator=expected)  # the first epoch's batch order
+    for job, layers in ((tmp_path / "sweep" / "0", 2), (tmp_path / "sweep" / "1", 4)):
+        saved = yaml.safe_load((job / "config.yaml").read_text())
+        assert (saved["seed"], saved["model"]["layers"]) == (3, layers)
+        ckpt = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+        assert torch.equal(ckpt["rng"]["data"], expected.get_state())
+        assert (job / "command.txt").read_text().split() == ["msnet", "train", f"model.layers={layers}", "seed=3", *TINY]
 
 
 # --- failing jobs ------------------------------------------------------------------------------

@@ -206,22 +206,6 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def seed_job(cfg: DictConfig) -> DictConfig:
-    """Give job K of a ``-m`` sweep the seed ``cfg.seed + K`` (in place); a single run keeps its seed.
-
-    Called before the config is checked and written, so ``config.yaml`` in the job's run
-    directory records the seed the job used (``.hydra/overrides.yaml`` keeps the one typed).
-    Swept seeds are offset too: ``-m model.layers=1,2 seed=0,1`` runs seeds 0, 2, 2, 4, still
-    distinct within each group that ``msnet report --group-by model.layers`` averages over.
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    if _in_sweep() and cfg.get("seed") is not None:
-        with open_dict(cfg):
-            cfg.seed = int(cfg.seed) + int(HydraConfig.get().job.num)
-    return cfg
-
-
 def check_objective(cfg: DictConfig) -> None:
     """In a job of an Optuna study (``hydra/sweeper=optuna``): its objective has a value to return, and the
     study's direction is the objective's (``trainer.objective``: accuracies maximised, losses minimised).
