@@ -253,7 +253,7 @@ def test_group_by_as_typed(compose_cfg):
 
 @pytest.mark.slow
 def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
-    """Two jobs at once: job 0 fails at its config check, job 1 finishes with seed 5 + 1."""
+    """Two jobs at once: job 0 fails at its config check, job 1 finishes with the typed seed 5."""
     _need("hydra_plugins.hydra_joblib_launcher")
     proc = msnet("train", "-m", "hydra/launcher=joblib", "model.layers=0,2", "seed=5", "threads=1", *TINY,
                  "trainer.progress=false", "hydra.sweep.dir=sweep", cwd=tmp_path, check=False)
@@ -266,7 +266,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     assert (sweep / "0" / "error.txt").read_text() == "model.layers must be at least 1, got 0\n"
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
     cfg = yaml.safe_load((sweep / "1" / "config.yaml").read_text())
-    assert (cfg["seed"], cfg["model"]["layers"]) == (6, 2)  # seed + job number
+    assert (cfg["seed"], cfg["model"]["layers"]) == (5, 2)  # the seed typed
     assert yaml.safe_load((sweep / "1" / ".hydra" / "config.yaml").read_text())["seed"] == 5  # as typed
     out = msnet("report", "sweep", "--group-by", "model.layers", cwd=tmp_path).stdout
     assert "1 runs under sweep, 1 groups" in out and "report_groups.png" in out
