@@ -29,3 +29,34 @@ def test_report_errors(tmp_path):
         report(tmp_path / "none")
     with pytest.raises(MsnetError, match="no runs under"):
         report(tmp_path)
+
+
+def _fake_run(path, lr: float, acc: float) -> None:
+    import json
+
+    import yaml
+
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "optimizer": {"lr": lr}}))
+    (path / "summary.json").write_text(json.dumps({"status": "completed", "final_test_acc": acc}))
+
+
+def test_report_shows_config_values_as_typed_and_metrics_rounded(tmp_path):
+    from rich.console import Console
+
+    from msnet.runs.display import records_table
+    from msnet.runs.report import setting_columns
+
+    lrs = (3e-05, 1.2e-4, 1.4e-4, 0.00125, 0.00126)
+    for i, lr in enumerate(lrs):
+        _fake_run(tmp_path / str(i), lr, 0.123456 + i)
+    columns, rows = report(tmp_path)
+    assert setting_columns(columns) == ["optimizer.lr"]
+    md = (tmp_path / "report.md").read_text().splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md]
+    assert [c[1] for c in cells] == ["3e-05", "0.00012", "0.00014", "0.00125", "0.00126"]  # distinct, as typed
+    assert [c[-1] for c in cells] == [f"{0.123456 + i:.4f}" for i in range(5)]  # metrics keep 4 decimals
+    console = Console(width=200, record=True)
+    console.print(records_table("t", rows, columns, exact=setting_columns(columns)))
+    shown = console.export_text()
+    assert all(text in shown for text in ("3e-05", "0.00012", "0.00014", "0.00125", "0.00126", "0.1235"))

@@ -14,7 +14,7 @@ def main(cfg: DictConfig) -> None:
         from msnet import MsnetError
         from msnet.runs import RunConsole
         from msnet.runs.display import records_table
-        from msnet.runs.report import group_report, optuna_studies, report, study_line
+        from msnet.runs.report import group_report, optuna_studies, report, setting_columns, study_line
 
         if not cfg.dir:
             raise MsnetError("which runs? give a folder: msnet report outputs/train (or a multirun sweep folder)")
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
             console.print(f"written: {', '.join(str(p) for p in out['written'])}")
             return
         columns, rows = report(cfg.dir, cfg.sort)
-        console.print(records_table(f"{len(rows)} runs under {cfg.dir}", rows, columns))
+        console.print(records_table(f"{len(rows)} runs under {cfg.dir}", rows, columns, exact=setting_columns(columns)))
         for study in optuna_studies(cfg.dir):
             console.print(study_line(study, Path(cfg.dir).expanduser()), soft_wrap=True, markup=False)  # one line, to grep
         console.print(f"written: {cfg.dir}/report.csv, {cfg.dir}/report.md")

@@ -8,6 +8,7 @@ not cut at rich's default of 80 columns.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -35,11 +36,55 @@ def console_width(file: Optional[TextIO] = None) -> Optional[int]:
     return None if isatty is not None and isatty() else NOT_A_TERMINAL_WIDTH
 
 
+class Survivable:
+    """A text stream (stdout) whose loss does not end the run: the first write or flush that fails because the
+    reader went away (``| head``: a broken pipe; a closed terminal: EIO) points the file descriptor at
+    ``/dev/null`` and drops every later write. The run's files (``console.txt`` records everything) carry on."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.lost = False
+
+    def _guard(self, method: str, *args: Any) -> Any:
+        if self.lost:
+            return len(args[0]) if args else None
+        try:
+            return getattr(self.stream, method)(*args)
+        except (BrokenPipeError, ConnectionResetError, OSError) as err:
+            if not isinstance(err, (BrokenPipeError, ConnectionResetError)) and err.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            self.lost = True
+            try:  # so that the interpreter's own flush at exit finds a writable descriptor
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
+            return len(args[0]) if args else None
+
+    def write(self, text: str) -> int:
+        return self._guard("write", text)
+
+    def flush(self) -> None:
+        self._guard("flush")
+
+    def isatty(self) -> bool:
+        return not self.lost and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
 class RunConsole:
-    """A recording console (stdout) plus a progress-bar factory."""
+    """A recording console (stdout, :class:`Survivable`) plus a progress-bar factory."""
 
     def __init__(self, quiet: bool = False):
-        self.console = Console(record=True, quiet=quiet, highlight=False, soft_wrap=False, width=console_width())
+        self.console = Console(file=Survivable(sys.stdout), record=True, quiet=quiet, highlight=False,
+                               soft_wrap=False, width=console_width())
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         self.console.print(*args, **kwargs)
@@ -83,8 +128,17 @@ def fmt(value: Any, digits: int = 4) -> str:
     return "" if value is None else str(value)
 
 
-def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequence[str]) -> Table:
-    """A table with one row per record and the given columns (missing values left blank).
+def typed(value: Any) -> str:
+    """A config value as one would type it, never rounded: ``3e-05``, ``0.00012``, ``true``; None left blank."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
+
+
+def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequence[str],
+                  exact: Sequence[str] = ()) -> Table:
+    """A table with one row per record and the given columns (missing values left blank); the ``exact``
+    columns (config values) are shown as they are, never rounded.
 
     Cells fold onto a second line rather than end in an ellipsis when the console is too narrow.
     """
@@ -93,7 +147,7 @@ def records_table(title: str, records: Sequence[Dict[str, Any]], columns: Sequen
         justify = "left" if c in ("run", "level", "split", "method", "resolution", "status") else "right"
         table.add_column(c, justify=justify, overflow="fold")
     for r in records:
-        table.add_row(*(fmt(r.get(c)) for c in columns))
+        table.add_row(*((typed if c in exact else fmt)(r.get(c)) for c in columns))
     return table
 
 

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from msnet import MsnetError
+from msnet.runs.display import typed
 from msnet.runs.rundir import read_metrics
 
 METRIC_COLUMNS = [
@@ -80,6 +81,15 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def setting_columns(columns: List[str]) -> List[str]:
+    """The columns of ``columns`` that hold config values (everything but ``run``, ``optuna`` and the metrics):
+    they are shown as typed, never rounded, so that distinct settings (lr 1.2e-4 and 1.4e-4) stay distinct."""
+    from msnet.config import Objective
+
+    metrics = {*METRIC_COLUMNS, *(o.value for o in Objective)}
+    return [c for c in columns if c not in metrics and c not in ("run", "optuna")]
+
+
 def write_report(root: Path, columns: List[str], rows: List[Dict[str, Any]]) -> Tuple[Path, Path]:
     """Write ``report.csv`` and ``report.md`` into ``root``."""
     csv_path, md_path = root / "report.csv", root / "report.md"
@@ -89,7 +99,9 @@ def write_report(root: Path, columns: List[str], rows: List[Dict[str, Any]]) -> 
         for row in rows:
             w.writerow({c: row.get(c) for c in columns})
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    settings = set(setting_columns(columns))
+    lines += ["| " + " | ".join((typed if c in settings else _cell)(row.get(c)) for c in columns) + " |"
+              for row in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
