@@ -13,12 +13,14 @@ optimisers, transfer operators) stay strings, checked by name before data is loa
 
 
 import copy
+import dataclasses
+import difflib
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 
 class Choice(str, Enum):
@@ -105,6 +107,7 @@ class Objective(Choice):
 class DatasetConfig:
     name: str = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | npz | synthetic (the dataset registry)
     root: str = "~/.cache/msnet/data"  # where datasets are unpacked or downloaded (MSNET_DATA moves it)
+    create_root: bool = False  # create a dataset.root that does not exist (the default cache is always created)
     download: bool = True  # mnist/cifar10: download through torchvision when missing
     val_size: int = 5000  # training images held out for validation
     split_seed: int = 0  # seed of the train/validation split (fixed across runs and seeds)
@@ -453,3 +456,48 @@ def compose_config(overrides: List[str], name: str = "train") -> Any:
     register_configs()
     with initialize_config_module(config_module="msnet.conf", version_base="1.3"):
         return compose(config_name=name, overrides=list(overrides))
+
+
+def missing_key(full_key: str, keys: List[str]) -> str:
+    """``model has no key 'layres'; did you mean layers?`` (or the keys it has, when none is close)."""
+    parent, _, key = full_key.rpartition(".")
+    where = parent or "the config"
+    close = difflib.get_close_matches(key, [str(k) for k in keys], n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"its keys: {', '.join(str(k) for k in keys)}"
+    return f"{where} has no key {key!r}; {hint}"
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> List[tuple]:
+    """Keys of ``cfg`` that its schema lacks: ``[(full key, the schema's keys)]``, depth first.
+
+    Hydra lets ``+trainer.foo=1`` add a key to a structured node; such a key is written to ``config.yaml``
+    and read by nothing, so a typo (``+trainer.patiense=3``) would silently change nothing.
+    """
+    out: List[tuple] = []
+    schema = OmegaConf.get_type(cfg)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if known is not None and key not in known:
+            out.append((full, known))
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            out += unknown_keys(node, full + ".")
+    return out
+
+
+def check_known_keys(cfg: DictConfig, overrides: Optional[List[str]] = None) -> None:
+    """Refuse, in one line, a key the schema of its group lacks (``+trainer.foo=1``), naming the override typed
+    (``overrides``: the command line's; by default the Hydra job's, where there is one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from msnet import MsnetError
+
+    unknown = unknown_keys(cfg)
+    if unknown:
+        if overrides is None and HydraConfig.initialized():
+            overrides = list(HydraConfig.get().overrides.task)
+        key, known = unknown[0]
+        typed = next((o for o in overrides or [] if o.lstrip("+~").split("=", 1)[0] == key), key)
+        raise MsnetError(f"{typed}: {missing_key(key, known)}")

@@ -141,7 +141,8 @@ def test_fashion_found_in_msnet_fashion_dir(tmp_path, monkeypatch):
         _write_idx_gz(src / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 5, 5)))
         _write_idx_gz(src / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
     monkeypatch.setenv("MSNET_FASHION_DIR", str(src))
-    raw = DATASETS.get("fashion_mnist")(dcfg(name="fashion_mnist", root=str(tmp_path / "root"), download=False))
+    raw = DATASETS.get("fashion_mnist")(dcfg(name="fashion_mnist", root=str(tmp_path / "root"),
+                                                   create_root=True, download=False))
     assert raw.x_train.shape == (6, 1, 5, 5) and raw.x_test.shape == (3, 1, 5, 5)
 
 

@@ -200,7 +200,7 @@ def test_error_reference_is_generated_from_the_code():
 # Lines msnet prints that are not MsnetError messages: the template and the file that builds it.
 OTHER_ERRORS = [
     ("<override>: <key> takes <type>, e.g. <example>", "msnet/commands/__init__.py", ["takes ", ", e.g. "]),
-    ("<override>: <parent> has no key <key>; did you mean <keys>?", "msnet/commands/__init__.py", ["has no key ", "did you mean "]),
+    ("<override>: <parent> has no key <key>; did you mean <keys>?", "msnet/config.py", ["has no key ", "did you mean "]),
     ("<override>: the group <group> has no option <option>; choose one of <options>", "msnet/commands/__init__.py",
      ["has no option ", "; choose one of "]),
     ("<override>: <group> is not in the defaults list; add it with a plus: <plus>", "msnet/commands/__init__.py",

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from msnet import MsnetError
-from msnet.config import Objective, register_configs
+from msnet.config import Objective, missing_key, register_configs
 
 # Optuna (hydra/sweeper=optuna) imports alembic, whose plugin registry logs seven "setup plugin" INFO lines
 # that Hydra's logging would print at the top of every study.
@@ -133,7 +133,7 @@ def type_error_line(ex: BaseException) -> Optional[str]:
     text = str(ex)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key and cause.parent_node is not None:
         typed = text.partition("To append to your config use +")[2].strip() or cause.full_key
-        return f"{typed}: {_missing_key(cause.full_key, list(cause.parent_node.keys()))}"
+        return f"{typed}: {missing_key(cause.full_key, list(cause.parent_node.keys()))}"
     if not isinstance(cause, ValidationError) or not cause.full_key:
         return None
     typed = text.partition("Error merging override ")[2].strip() or f"{cause.full_key}={cause.value}"
@@ -164,17 +164,6 @@ def unselected_group_line(ex: BaseException, overrides: List[str]) -> Optional[s
             return (f"{override}: the group {group} is off, so its keys cannot be set; select it first, "
                     f"e.g. +{group}={options[0]} {override}")
     return None
-
-
-def _missing_key(full_key: str, keys: List[str]) -> str:
-    """``model has no key 'layres'; did you mean layers?`` (or the keys it has, when none is close)."""
-    import difflib
-
-    parent, _, key = full_key.rpartition(".")
-    where = parent or "the config"
-    close = difflib.get_close_matches(key, [str(k) for k in keys], n=3)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"its keys: {', '.join(str(k) for k in keys)}"
-    return f"{where} has no key {key!r}; {hint}"
 
 
 def _shown(value: Any) -> str:

@@ -68,10 +68,30 @@ def _stage_system_idx(raw_folder: Path, system_dirs: Sequence[str]) -> None:
             return
 
 
+DEFAULT_ROOT = "~/.cache/msnet/data"
+"""Where datasets are unpacked or downloaded unless ``MSNET_DATA`` or ``dataset.root`` says otherwise."""
+
+
+def data_root(cfg: Any) -> Path:
+    """``dataset.root`` as a folder, made when it is the default cache (``MSNET_DATA``, else :data:`DEFAULT_ROOT`)
+    or ``dataset.create_root=true``. Any other root that does not exist is a typo until shown otherwise: one line,
+    and nothing is created or copied."""
+    root = Path(cfg.root).expanduser()
+    default = Path(os.environ.get("MSNET_DATA", DEFAULT_ROOT)).expanduser()
+    if not root.is_dir():
+        if root.exists():
+            raise MsnetError(f"dataset.root={cfg.root} is a file, not a folder; point dataset.root at a folder")
+        if root.resolve() != default.resolve() and not cfg.get("create_root", False):
+            raise MsnetError(f"dataset.root={cfg.root} does not exist; point it at the folder that holds the data, "
+                             f"or add dataset.create_root=true to have msnet create it and unpack or download into it")
+        root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _torchvision_idx(cfg: Any, cls_name: str, folder: str, system_dirs: Sequence[str], hint: str) -> RawData:
     import torchvision.datasets as tvd
 
-    root = Path(cfg.root).expanduser()
+    root = data_root(cfg)
     _stage_system_idx(root / folder / "raw", system_dirs)
     cls = getattr(tvd, cls_name)
     try:
@@ -121,7 +141,7 @@ def cifar10(cfg: Any) -> RawData:
     """CIFAR-10 (Krizhevsky 2009), 32x32 RGB, 10 classes, 50k/10k. Needs a network or local files."""
     import torchvision.datasets as tvd
 
-    root = Path(cfg.root).expanduser()
+    root = data_root(cfg)
     try:
         train = tvd.CIFAR10(str(root), train=True, download=bool(cfg.download))
         test = tvd.CIFAR10(str(root), train=False, download=bool(cfg.download))

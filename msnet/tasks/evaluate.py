@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig
 
 from msnet import MsnetError
+from msnet.config import check_known_keys
 from msnet.data import prepare_data
 from msnet.multigrid import data_for_size
 from msnet.runs import RunConsole, RunDir, load_checkpoint, restore
@@ -22,6 +23,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, c
     replaces the saved value. Results go to ``run_dir/evaluation.json`` when given.
     """
     console = console or RunConsole()
+    check_known_keys(cfg)
     restored = restore(cfg.ckpt, cfg.device, cfg.get("threads"))
     ckpt, saved, model = restored.ckpt, restored.config, restored.model
     data_cfg = saved.dataset

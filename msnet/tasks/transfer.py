@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from msnet import MsnetError
+from msnet.config import check_known_keys
 from msnet.data import prepare_data
 from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, data_for_size, fit_transfer,
                              gaussian_blur, level_data, level_name, parse_level, resample_images, restrict_images,
@@ -140,6 +141,7 @@ def transfer_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None,
                         console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:
     """Transfer ``cfg.ckpt`` from level ``cfg.source`` to ``cfg.target``; returns the table rows."""
     console = console or RunConsole()
+    check_known_keys(cfg)
     if cfg.get("source_depth") is not None or cfg.get("target_depth") is not None:
         return transfer_depth_checkpoint(cfg, run_dir, console)
     if cfg.source is None or cfg.target is None:

@@ -14,6 +14,7 @@ from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelS
                          resolve_dtype)
 from msnet.core.network import check_connective, check_p_last, check_step_bound
 from msnet.core.reversible import check_scheme, scheme_note
+from msnet.config import check_known_keys
 from msnet.data import DATASETS, DataBundle
 from msnet.multigrid.time import check_knots
 from msnet.runs import load_checkpoint
@@ -38,6 +39,7 @@ def preflight(cfg: DictConfig, env: Optional[DistEnv] = None,
     (``overrides``) taken from ``cfg``, becomes the run's (:func:`resumed_config`). Returns that
     config and the checkpoint (None for a new run). Every failure is one :class:`MsnetError` line.
     """
+    check_known_keys(cfg, overrides)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
