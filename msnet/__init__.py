@@ -12,17 +12,12 @@ command line in :mod:`msnet.cli`; the Python entry point in :mod:`msnet.api`:
 from os import PathLike as _OsPath
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from msnet.errors import MsnetError
+from msnet.version import __version__
+
 PathLike = Union[str, _OsPath]
 
-__version__ = "0.1.0"
-
-
-class MsnetError(Exception):
-    """An error a person can fix: its message is one line that names the fix.
-
-    The command-line layer prints it without a traceback and exits with code 2.
-    """
-
+__all__ = ["MsnetError", "PathLike", "__version__", "evaluate", "train", "transfer"]
 
 
 def train(overrides: Sequence[str] = (), *, run_dir: Optional[PathLike] = None) -> Dict[str, Any]:

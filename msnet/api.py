@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.cli import quote
 
 

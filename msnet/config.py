@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -73,6 +73,11 @@ class Cycle(Choice):
     V = "V"
     W = "W"
 
+    @property
+    def gamma(self) -> int:
+        """Coarse-level visits per cycle (Briggs, Henson & McCormick, *A Multigrid Tutorial*, ch. 3): V 1, W 2."""
+        return {"V": 1, "W": 2}[self.value]
+
 
 class GradientRestriction(Choice):
     transpose = "transpose"  # P^T: the coarse correction is a descent direction
@@ -96,6 +101,13 @@ class Objective(Choice):
     def direction(self) -> str:
         """``maximize`` for accuracies, ``minimize`` for losses (Optuna's names)."""
         return "maximize" if self.value.endswith("_acc") else "minimize"
+
+    @property
+    def monitor(self) -> "tuple[str, bool]":
+        """The per-epoch validation metric behind it and whether higher is better: ``("val_acc", True)`` for an
+        accuracy, ``("val_loss", False)`` for a loss. Early stopping (``trainer.patience``), a schedule's plateau
+        rule (``trainer.level_patience``) and ``checkpoints/best.pt`` all watch this one metric."""
+        return ("val_acc", True) if self.value.endswith("_acc") else ("val_loss", False)
 
     @property
     def worst(self) -> float:
@@ -167,7 +179,7 @@ class OptimizerConfig:
 
 @dataclass
 class BCDConfig(OptimizerConfig):
-    """``optimizer=bcd`` (msnet/training/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
+    """``optimizer=bcd`` (msnet/methods/bcd.py, conf/optimizer/bcd.yaml): block-coordinate descent."""
 
     name: str = "bcd"
     lr: float = 1.0  # first trial step length of the propagation line search (a Newton step)
@@ -198,24 +210,26 @@ class TrainerConfig:
     checkpoint_every: int = 1  # epochs
     save_best: bool = True  # also keep checkpoints/best.pt: the last level's epoch with the best validation metric of trainer.objective
     eval_at_start: bool = False  # also measure validation loss/accuracy before each level's first epoch
-    # schedules (+pyramid, +depth): a level before the last moves on once its validation loss has not improved
-    # for this many epochs, its scheduled epochs being the most it trains; null: every level trains its epochs
+    # schedules (+pyramid, +depth): a level before the last moves on once the monitored validation metric (that of
+    # trainer.objective) has not improved for this many epochs, its scheduled epochs the most it trains; null: all
     level_patience: Optional[int] = None
-    # early stopping: the run (its last level) ends once its validation loss has not improved for this many epochs
+    # early stopping: the run (its last level) ends once the monitored validation metric has not improved for this many epochs
     patience: Optional[int] = None
-    min_delta: float = 0.0  # under level_patience and patience, an improvement is a drop in validation loss of more than this
+    min_delta: float = 0.0  # under level_patience and patience, an improvement is a change of the monitored metric by more than this
     # data-parallel and GPU speed (msnet/training/distributed.py, msnet/training/speed.py); first-order optimizers only
     devices: int = 1  # K > 1: `msnet train` starts K processes with torchrun (DDP, one GPU or CPU share each)
     precision: Precision = Precision.fp32  # fp32 | bf16 (autocast around the forward; needs dtype=float32)
     compile: bool = False  # torch.compile the network the update rule calls
     channels_last: Optional[bool] = None  # NHWC images and 4-D weights; null: on CUDA only
     reversible_tf32: bool = False  # let reversible stages use TF32 convolutions on CUDA (default: IEEE float32)
-    objective: Objective = Objective.best_val_acc  # returned to a sweeper (hydra/sweeper=optuna): accuracies maximised, losses minimised
+    # returned to a sweeper (hydra/sweeper=optuna; accuracies maximised, losses minimised), and the validation metric
+    # that patience, level_patience and best.pt watch (val_acc for an accuracy objective, val_loss for a loss)
+    objective: Objective = Objective.best_val_acc
 
 
 @dataclass
 class MGOptConfig(TrainerConfig):
-    """``trainer=mgopt`` (msnet/training/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
+    """``trainer=mgopt`` (msnet/methods/mgopt.py, conf/trainer/mgopt.yaml): MG/OPT multilevel minimisation."""
 
     name: str = "mgopt"
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; model.layers: a multiple of 2^(L-1)
@@ -235,7 +249,7 @@ class MGOptConfig(TrainerConfig):
 
 @dataclass
 class RMTRConfig(TrainerConfig):
-    """``trainer=rmtr`` (msnet/training/rmtr.py, conf/trainer/rmtr.yaml): recursive multilevel trust region (RMTR)."""
+    """``trainer=rmtr`` (msnet/methods/rmtr.py, conf/trainer/rmtr.yaml): recursive multilevel trust region (RMTR)."""
 
     name: str = "rmtr"
     levels: int = 2  # L: level l has N / 2^(L-l) steps per stage over the same T; 1: single-level trust region
@@ -296,33 +310,54 @@ class RegularizerConfig:
 
 
 @dataclass
-class LoggerConfig:
-    """Where a run's records also go besides its run directory (``logger=none``: nowhere else).
-
-    Every option fans out the same records (msnet/runs/tracking.py): each ``metrics.jsonl`` row, each
-    ``steps.jsonl`` row, the flattened resolved config with the final metrics, and the run's figures.
-    """
-
-    name: str = "none"  # the tracker: none | tensorboard | mlflow (set by choosing the option, logger=NAME)
-
-
-@dataclass
-class TensorBoardLoggerConfig(LoggerConfig):
+class TensorBoardLoggerConfig:
     """``logger=tensorboard`` (``pip install 'msnet[tensorboard]'``): event files for ``tensorboard --logdir``."""
 
-    name: str = "tensorboard"  # this option's tracker (msnet/runs/tracking.py)
     log_dir: Optional[str] = None  # null: <run dir>/tensorboard (a sweep's jobs: one folder each under the sweep dir)
     flush_secs: int = 10  # seconds between writes of the event file to disk
 
 
 @dataclass
-class MLflowLoggerConfig(LoggerConfig):
+class MLflowLoggerConfig:
     """``logger=mlflow`` (``pip install 'msnet[mlflow]'``): one MLflow run per msnet run (per job of a sweep)."""
 
-    name: str = "mlflow"  # this option's tracker (msnet/runs/tracking.py)
     tracking_uri: Optional[str] = None  # null: sqlite:///<abs path of outputs>/mlflow.db (artifacts beside it)
     experiment: str = "msnet"  # experiment name; a sweep's jobs all go to this one
-    run_name: Optional[str] = None  # null: the job's overrides (k=v,k=v), or the run dir's name without any
+    run_name: Optional[str] = None  # null: the run dir's last two folders (DATE/TIME, a sweep job's TIME/JOB)
+
+
+class WandbMode(Choice):
+    offline = "offline"  # files under <dir>/wandb only, no network and no login (upload later: wandb sync)
+    online = "online"  # streamed to the W&B server (after wandb login)
+    disabled = "disabled"  # W&B's no-op run: nothing written
+
+
+@dataclass
+class WandbLoggerConfig:
+    """``logger=wandb`` (``pip install 'msnet[wandb]'``): one Weights & Biases run per msnet run (per job of a sweep)."""
+
+    project: str = "msnet"  # W&B project; a sweep's jobs all go to this one
+    entity: Optional[str] = None  # W&B user or team; null: the logged-in user's default
+    mode: WandbMode = WandbMode.offline  # offline | online | disabled
+    dir: Optional[str] = None  # null: the run dir (W&B writes its wandb/ folder inside)
+    tags: List[str] = field(default_factory=list)  # tags of the W&B run
+    group: Optional[str] = None  # null: the sweep folder in a -m sweep (as MLflow's msnet.sweep tag), else none
+    name: Optional[str] = None  # null: the run dir's last two folders (DATE/TIME, a sweep job's TIME/JOB)
+
+
+@dataclass
+class LoggerConfig:
+    """Where a run's records also go besides its run directory: each chosen tracker's settings under its own
+    key (``logger=mlflow`` sets ``logger.mlflow``; ``logger=[tensorboard,mlflow]`` both); ``logger=none``: nowhere.
+
+    Every tracker gets the same records (msnet/runs/tracking.py): each ``metrics.jsonl`` row, each
+    ``steps.jsonl`` row, the flattened resolved config with the final metrics, and the run's figures.
+    """
+
+    tensorboard: Optional[TensorBoardLoggerConfig] = None  # set by logger=tensorboard (conf/logger/tensorboard.yaml)
+    mlflow: Optional[MLflowLoggerConfig] = None  # set by logger=mlflow (conf/logger/mlflow.yaml)
+    wandb: Optional[WandbLoggerConfig] = None  # set by logger=wandb (conf/logger/wandb.yaml)
+    log_checkpoint: bool = False  # true: the run's checkpoints also go to MLflow / W&B as artifacts at its end
 
 
 @dataclass
@@ -332,7 +367,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)  # also send the run's records to: logger=NAME (conf/logger/)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # also send the run's records to: logger=NAME or logger=[A,B] (conf/logger/)
     pyramid: Optional[PyramidConfig] = None  # image-pyramid schedule: +pyramid=NAME (conf/pyramid/)
     depth: Optional[DepthConfig] = None  # shallow-to-deep schedule: +depth=NAME (conf/depth/)
     level: str = "fine"  # resolution to train at: fine (native), coarse, coarser, or a pixel size
@@ -408,8 +443,6 @@ def register_configs() -> None:
     cs.store(group="optimizer", name="bcd_schema", node=BCDConfig)
     cs.store(group="trainer", name="mgopt_schema", node=MGOptConfig)
     cs.store(group="trainer", name="rmtr_schema", node=RMTRConfig)
-    cs.store(group="logger", name="tensorboard_schema", node=TensorBoardLoggerConfig)
-    cs.store(group="logger", name="mlflow_schema", node=MLflowLoggerConfig)
     OmegaConf.register_new_resolver("msnet_direction", lambda name: Objective(str(name)).direction, replace=True)
     _store_optuna_preset(cs)
 
@@ -492,7 +525,7 @@ def check_known_keys(cfg: DictConfig, overrides: Optional[List[str]] = None) -> 
     (``overrides``: the command line's; by default the Hydra job's, where there is one)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from msnet import MsnetError
+    from msnet.errors import MsnetError
 
     unknown = unknown_keys(cfg)
     if unknown:
@@ -501,3 +534,56 @@ def check_known_keys(cfg: DictConfig, overrides: Optional[List[str]] = None) -> 
         key, known = unknown[0]
         typed = next((o for o in overrides or [] if o.lstrip("+~").split("=", 1)[0] == key), key)
         raise MsnetError(f"{typed}: {missing_key(key, known)}")
+
+
+def stochastic_depth_p_last(model_cfg: Any) -> float:
+    """``model.stochastic_depth.p_last`` (1.0: off)."""
+    return float(model_cfg.stochastic_depth.p_last)
+
+
+GROUP_SCHEMAS = {("trainer", "mgopt"): "MGOptConfig", ("trainer", "rmtr"): "RMTRConfig", ("optimizer", "bcd"): "BCDConfig"}
+"""Group options with a schema of their own (the rest use the group's field type in :class:`TrainConfig`)."""
+
+
+def upgrade_config(saved: Any) -> Dict[str, Any]:
+    """A saved run's config (a checkpoint's ``config``) on today's schema: every key a later msnet added gets the
+    schema's default, so the code reads plain attributes instead of re-stating defaults for old checkpoints.
+
+    Done once, where checkpoints are read (:func:`msnet.runs.checkpoint.load_checkpoint`). The trainer and
+    optimizer options with schemas of their own (``trainer=mgopt``) take theirs, by the saved name; a saved
+    ``+pyramid`` or ``+depth`` takes its schema. Keys the schema no longer has are kept as they were saved.
+    """
+    saved = OmegaConf.to_container(saved, resolve=False) if isinstance(saved, DictConfig) else copy.deepcopy(saved)
+    base = OmegaConf.structured(TrainConfig)
+    OmegaConf.set_struct(base, False)
+    out: Dict[str, Any] = {}
+    for key, value in saved.items():
+        schema = _group_schema(key, value)
+        if schema is None:
+            out[key] = value
+            continue
+        node = OmegaConf.structured(schema)
+        OmegaConf.set_struct(node, False)
+        try:
+            out[key] = OmegaConf.to_container(OmegaConf.merge(node, value), resolve=False, enum_to_str=True)
+        except Exception:  # a value today's schema refuses: keep the saved one, the checks say what is wrong
+            out[key] = value
+    for key, value in OmegaConf.to_container(base, resolve=False, enum_to_str=True).items():
+        out.setdefault(key, value)
+    return out
+
+
+def _group_schema(key: str, value: Any) -> Optional[type]:
+    """The schema dataclass of top-level ``key`` holding ``value`` (None: not a schema'd group)."""
+    if not isinstance(value, dict):
+        return None
+    named = GROUP_SCHEMAS.get((key, str(value.get("name"))))
+    if named is not None:
+        return globals()[named]
+    field_type = {f.name: f.type for f in fields(TrainConfig)}.get(key)
+    if isinstance(field_type, str):
+        field_type = eval(field_type, globals())  # annotations are strings under `from __future__ import annotations`
+    for candidate in (field_type, *getattr(field_type, "__args__", ())):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None

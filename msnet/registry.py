@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 
 T = TypeVar("T")
 

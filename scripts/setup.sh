@@ -2,7 +2,7 @@
 # Install everything msnet needs into ./.venv (idempotent: a re-run skips what is there).
 #   - a virtual environment with the pinned torch==2.14.1 / torchvision==0.29.1
 #   - msnet itself (editable) with its test, plot and sweep (Hydra joblib/submitit launchers, Optuna sweeper) extras,
-#     and the tensorboard and mlflow extras (logger=tensorboard | logger=mlflow)
+#     and the tensorboard, mlflow and wandb extras (logger=tensorboard | logger=mlflow | logger=wandb)
 #   - Fashion-MNIST for offline use, from Debian's dataset-fashion-mnist package, where apt can install it
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +21,10 @@ if ! "$VPY" -c 'import torch, torchvision, sys; sys.exit(not (torch.__version__.
   "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
 
-if ! "$VPY" -c 'import msnet, hydra, rich, pytest, hypothesis, matplotlib, hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_submitit_launcher, hydra_plugins.hydra_optuna_sweeper, tensorboard, mlflow' 2>/dev/null \
+if ! "$VPY" -c 'import msnet, hydra, rich, pytest, hypothesis, matplotlib, hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_submitit_launcher, hydra_plugins.hydra_optuna_sweeper, tensorboard, mlflow, wandb' 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.msnet-installed" ]; then
   echo "setup: installing msnet and its dependencies"
-  "$VPY" -m pip install -q -e '.[test,plot,sweep,tensorboard,mlflow]'
+  "$VPY" -m pip install -q -e '.[test,plot,sweep,tensorboard,mlflow,wandb]'
   touch "$VENV/.msnet-installed"
 fi
 

@@ -32,7 +32,10 @@ def test_the_batch_grows_geometrically_up_to_its_cap():
     assert sizes(_trainer(batch_growth=2)) == [128, 256, 512, 1000, 1000]  # the whole set at most
     assert sizes(_trainer(batch_growth=2, batch_max=300)) == [128, 256, 300, 300, 300]
     assert sizes(_trainer(batch_growth=1.5)) == [128, 192, 288, 432, 648]
-    assert epoch_batch_size(OmegaConf.create({"batch_size": 64}), 7, 1000) == 64  # configs saved before it existed
+    from msnet.config import upgrade_config
+
+    saved = upgrade_config({"trainer": {"name": "single", "batch_size": 64}})  # a config saved before it existed
+    assert epoch_batch_size(OmegaConf.create(saved["trainer"]), 7, 1000) == 64
 
 
 def test_bad_growth_settings_fail_in_one_line(tiny_cfg):

@@ -21,12 +21,13 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import read_metrics
-from msnet.training import build_optimizer, train
+from msnet.methods import build_optimizer
+from msnet.training import train
 from msnet.config import BCDConfig
-from msnet.training.bcd import BCD, bcd_settings, gn_subsample, stored_states
-from msnet.training.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
-from msnet.training.regularizers import build_regularizer
-from msnet.training.updates import selected_rule
+from msnet.methods.bcd import BCD, bcd_settings, gn_subsample, stored_states
+from msnet.methods.newton import GaussNewton, QuadraticHessian, conjugate_gradient, cross_entropy_objective, newton_cg
+from msnet.methods.regularizers import build_regularizer
+from msnet.methods import selected_rule
 
 from .conftest import needs_fashion
 

@@ -102,7 +102,9 @@ def test_tables_in_full_through_a_pipe(tmp_path):
     [
         (["train", "model.integrator=nope"], "error: unknown integrator 'nope'; choose one of"),
         (["train", "dataset=npz"], "error: dataset=npz needs a file"),
-        (["train", "dataset=mnist", "dataset.root=nodata", "dataset.download=false"], "error: mnist is not in"),
+        (["train", "dataset=mnist", "dataset.root=nodata", "dataset.create_root=true", "dataset.download=false"],
+         "error: mnist is not in"),
+        (["train", "dataset=mnist", "dataset.root=nodata"], "error: dataset.root=nodata does not exist; point it at"),
         (["evaluate", "ckpt=missing.pt"], "error: checkpoint missing.pt does not exist"),
         (["report", "nowhere"], "error: nowhere is not a folder"),
         (["frobnicate"], "error: unknown command 'frobnicate'"),

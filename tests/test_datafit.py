@@ -16,10 +16,11 @@ from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.data import prepare_data
 from msnet.multigrid import check_stencil_transfer, fit_transfer, get_transfer, level_data, transfer_resolution
 from msnet.training import train
-from msnet.training.loop import evaluate, train_epoch
+from msnet.training.evaluation import evaluate
+from msnet.training.loop import train_epoch
 from msnet.training.schedule import build_schedule, prolong_level
 from msnet.training.setup import model_spec
-from msnet.training.updates import build_update
+from msnet.methods import build_update
 
 from .conftest import needs_fashion
 

@@ -22,11 +22,12 @@ from omegaconf import OmegaConf, open_dict
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.training import UPDATE_RULES, FirstOrder, train
+from msnet.methods import UPDATE_RULES, FirstOrder
+from msnet.training import train
 from msnet.tasks import launch
 from msnet.training import distributed
 from msnet.training.setup import check_config
-from msnet.training.updates import selected_rule
+from msnet.methods import selected_rule
 from msnet.training.distributed import DistEnv, Shard
 
 MSNET = Path(sys.executable).parent / "msnet"

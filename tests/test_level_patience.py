@@ -21,7 +21,9 @@ from .conftest import strip_times
 
 # on the tiny synthetic problem the coarse validation loss falls 0.045 then 0.029 then 0.015 per epoch from epoch 8:
 # with min_delta 0.05 and patience 2 the coarse level of 12 epochs ends after 10 (seen in a run of this config)
-PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.min_delta=0.05"]
+# these runs watch the validation loss (trainer.objective=best_val_loss); the default objective watches val_acc
+LOSS = "trainer.objective=best_val_loss"
+PYRAMID = ["+pyramid=2level", "pyramid.epochs=[12,2]", "trainer.level_patience=2", "trainer.min_delta=0.05", LOSS]
 
 
 def test_plateau_rule():
@@ -81,14 +83,14 @@ def test_resume_from_the_plateau_checkpoint_equals_the_whole_run(tiny_cfg, tmp_p
 
 def test_a_depth_level_ends_at_a_plateau(tiny_cfg, tmp_path):
     cfg = tiny_cfg(["+depth=doubling", "depth.start=1", "depth.stop=2", "depth.epochs=[12,1]",
-                    "trainer.level_patience=1", "trainer.min_delta=0.05"])
+                    "trainer.level_patience=1", "trainer.min_delta=0.05", LOSS])
     summary = train(cfg, tmp_path / "run")
     shallow = summary["levels"][0]
     assert shallow["layers"] == 1 and shallow["ended"] == "plateau" and shallow["epochs"] < 12
     assert summary["levels"][1]["layers"] == 2 and summary["levels"][1]["epochs"] == 1
 
 
-EARLY = ["trainer.epochs=12", "trainer.patience=2", "trainer.min_delta=0.05"]
+EARLY = ["trainer.epochs=12", "trainer.patience=2", "trainer.min_delta=0.05", LOSS]
 
 
 def test_early_stopping_ends_the_run_at_a_plateau(tiny_cfg, tmp_path):
@@ -117,10 +119,10 @@ def test_early_stopping_ends_the_run_at_a_plateau(tiny_cfg, tmp_path):
 def test_early_stopping_and_level_patience_each_watch_their_levels(tiny_cfg, tmp_path):
     # level_patience alone never stops the last level; patience alone never ends the coarse level early
     levels_only = train(tiny_cfg(PYRAMID[:2] + ["pyramid.epochs=[12,12]", "trainer.level_patience=2",
-                                                "trainer.min_delta=0.05"]), tmp_path / "levels")
+                                                "trainer.min_delta=0.05", LOSS]), tmp_path / "levels")
     assert levels_only["levels"][0]["ended"] == "plateau" and levels_only["levels"][1]["epochs"] == 12
     run_only = train(tiny_cfg(PYRAMID[:2] + ["pyramid.epochs=[12,12]", "trainer.patience=2",
-                                             "trainer.min_delta=0.05"]), tmp_path / "run")
+                                             "trainer.min_delta=0.05", LOSS]), tmp_path / "run")
     assert run_only["levels"][0]["epochs"] == 12 and "ended" not in run_only["levels"][0]
     assert run_only["levels"][1]["ended"] == "plateau" and run_only["levels"][1]["epochs"] < 12
 
@@ -130,13 +132,44 @@ def test_early_stopping_and_level_patience_each_watch_their_levels(tiny_cfg, tmp
                                    "add +pyramid=2level or +depth=doubling, or drop it"),
     (["+pyramid=2level", "trainer.level_patience=0"], "trainer.level_patience must be at least 1"),
     (["+depth=doubling", "trainer.level_patience=1", "dataset.val_size=0"],
-     "trainer.level_patience=1 watches the validation loss, but dataset.val_size=0 holds out no validation images"),
+     "trainer.level_patience=1 watches val_acc (trainer.objective=best_val_acc), but dataset.val_size=0 holds out "
+     "no validation images"),
     (["+pyramid=2level", "trainer.min_delta=-0.1"], "trainer.min_delta must be >= 0, got -0.1"),
     (["trainer.patience=0"], "trainer.patience must be at least 1 (or null: no early stopping), got 0"),
-    (["trainer.patience=3", "dataset.val_size=0"],
-     "trainer.patience=3 watches the validation loss, but dataset.val_size=0 holds out no validation images"),
+    (["trainer.patience=3", "dataset.val_size=0", LOSS],
+     "trainer.patience=3 watches val_loss (trainer.objective=best_val_loss), but dataset.val_size=0 holds out no "
+     "validation images"),
 ])
 def test_bad_patience_settings_are_one_line(tiny_cfg, overrides, message):
     with pytest.raises(MsnetError) as err:
         check_config(tiny_cfg(overrides))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_plateau_of_an_accuracy_mirrors_that_of_a_loss():
+    assert plateaued([0.5, 0.6, 0.6], patience=1, higher=True)  # no rise above the best before
+    assert not plateaued([0.5, 0.6, 0.61], patience=1, higher=True)
+    assert plateaued([0.5, 0.6, 0.64], patience=1, min_delta=0.05, higher=True)  # not 0.05 above 0.6
+    assert not plateaued([0.5, 0.6, 0.66], patience=1, min_delta=0.05, higher=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=9), st.integers(1, 4), st.floats(0, 1))
+def test_an_accuracy_plateau_is_the_plateau_of_its_negative(values, patience, delta):
+    assert plateaued(values, patience, delta, higher=True) == plateaued([-v for v in values], patience, delta)
+
+
+def test_the_objective_drives_early_stopping_and_best_pt_alike(tiny_cfg, tmp_path):
+    """The default objective (best_val_acc) watches val_acc for patience and best.pt; best_val_loss watches val_loss.
+    A huge min_delta makes the first allowed epoch a plateau; the summary and the console line name the metric."""
+    for objective, key, line in (("best_val_acc", "val_acc (max)", "its validation accuracy has not improved"),
+                                 ("best_val_loss", "val_loss (min)", "its validation loss has not improved")):
+        summary = train(tiny_cfg(["trainer.epochs=6", "trainer.patience=1", "trainer.min_delta=100",
+                                  f"trainer.objective={objective}"]), tmp_path / objective)
+        assert summary["monitor"] == key and summary["epochs"] == 2 and "stopped_early" in summary
+        assert line in (tmp_path / objective / "console.txt").read_text()
+        rows = read_metrics(tmp_path / objective)
+        metric, higher = key.split()[0], key.endswith("(max)")
+        values = [r[metric] for r in rows]
+        best = values.index(max(values) if higher else min(values)) + 1
+        assert summary["best_checkpoint_epoch"] == best  # best.pt follows the same metric

@@ -16,10 +16,11 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.training import FirstOrder, build_optimizer, build_update, train
+from msnet.methods import FirstOrder, build_optimizer, build_update
+from msnet.training import train
 from msnet.config import MGOptConfig
-from msnet.training.mgopt import MGOpt, coarse_depths
-from msnet.training.regularizers import build_regularizer
+from msnet.methods.mgopt import MGOpt, coarse_depths
+from msnet.methods.regularizers import build_regularizer
 
 from .conftest import assert_same_weights, needs_fashion, strip_times
 
@@ -116,7 +117,7 @@ def _coherence_gap(prolongation: str, n_fine: int, trim: int) -> float:
 def test_coarse_model_is_consistent_in_h(prolongation, trim):
     """P^T carries the h-scaling: the coherence term v = grad f_H(R x) - P^T grad f_h(x) is O(h) relative
     to P^T grad f_h (slope ~1 in h); for ``linear`` away from the two end slots, where its hat functions
-    are cut (documented in msnet.training.mgopt)."""
+    are cut (documented in msnet.methods.mgopt)."""
     ns = [8, 16, 32, 64]
     gaps = [_coherence_gap(prolongation, n, trim) for n in ns]
     slope = np.polyfit(np.log([1.0 / n for n in ns]), np.log(gaps), 1)[0]
@@ -314,7 +315,7 @@ def test_a_resumed_hierarchy_keeps_its_saved_depths():
     """MG/OPT and RMTR refuse, in one line, a checkpoint whose hierarchy has other depths than the run builds."""
     from types import SimpleNamespace
 
-    from msnet.training.hierarchy import check_saved_depths
+    from msnet.methods.hierarchy import check_saved_depths
 
     levels = [SimpleNamespace(net=SimpleNamespace(depth=lambda d=d: [d])) for d in (2, 4)]
     check_saved_depths(levels, [[2], [4]], "MG/OPT", "a.pt")  # the same depths: nothing to say

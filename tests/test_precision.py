@@ -17,7 +17,8 @@ from msnet.core import INTEGRATORS, ModelSpec, StageSpec, build_model
 from msnet.core.device import ieee_fp32_convolutions
 from msnet.core.network import ODEBlock, set_reversible_tf32
 from msnet.core.reversible import PrecisionState
-from msnet.training import FirstOrder, train
+from msnet.methods import FirstOrder
+from msnet.training import train
 from msnet.training import speed
 from msnet.training.distributed import DistEnv
 

@@ -14,7 +14,7 @@ from msnet.multigrid import TRANSFERS, get_transfer, restrict_images, transfer_r
 from msnet.multigrid.space import prolong_stencil, restrict_stencil
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.training import train
-from msnet.training.regularizers import build_regularizer, classifier_smoothness, time_smoothness
+from msnet.methods.regularizers import build_regularizer, classifier_smoothness, time_smoothness
 from msnet.multigrid import parse_level
 from msnet.training.schedule import build_schedule
 

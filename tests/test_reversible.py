@@ -13,9 +13,13 @@ import torch
 from torch.func import functional_call
 
 from msnet import MsnetError
+from msnet.config import Backprop
 from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth, build_model
 from msnet.core.network import ODEBlock, PadConnective
-from msnet.core.reversible import HamiltonianResidual, odeint_scheme, residual_evaluator, stable_fields
+from msnet.core.residual import HamiltonianResidual
+from msnet.core.reversible import odeint_scheme
+from msnet.core.schemes import BACKPROPS, residual_evaluator
+from msnet.core.stability import stable_fields
 from msnet.training import train
 from msnet.training.setup import check_config
 
@@ -393,3 +397,8 @@ def test_short_training_run_reversible_equals_store(tiny_cfg, tmp_path):
         assert abs(a[key] - b[key]) <= 0.01, key
     for key in ("final_test_loss", "final_train_loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_the_core_backprops_are_the_schema_choices():
+    """``BACKPROPS`` (the core, which imports no Hydra and so not msnet.config) lists the ``Backprop`` Enum's values."""
+    assert BACKPROPS == tuple(b.value for b in Backprop)

@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from msnet import MsnetError
 from msnet.config import RMTRConfig
 from msnet.runs import load_checkpoint, read_metrics
-from msnet.training import build_update, train
-from msnet.training.hierarchy import couple_coarse
-from msnet.training.regularizers import build_regularizer
-from msnet.training.rmtr import LSR1, RMTR, flat, model_decrease, next_radius, steihaug
+from msnet.methods import build_update
+from msnet.training import train
+from msnet.methods.hierarchy import couple_coarse
+from msnet.methods.regularizers import build_regularizer
+from msnet.methods.rmtr import LSR1, RMTR, flat, model_decrease, next_radius, steihaug
 
 from .conftest import assert_same_weights, needs_fashion, strip_times
 from .test_mgopt import batch, linear_P, tiny_net

@@ -12,11 +12,12 @@ from omegaconf import open_dict
 from msnet import MsnetError
 from msnet.core import ModelSpec, StageSpec, build_model
 from msnet.runs import read_metrics
-from msnet.training import FirstOrder, train
+from msnet.methods import FirstOrder
+from msnet.training import train
 from msnet.training import speed
 from msnet.training.distributed import DistEnv
 from msnet.training.setup import check_config
-from msnet.training.updates import selected_rule
+from msnet.methods import selected_rule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

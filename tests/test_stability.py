@@ -1,6 +1,6 @@
 """Stability of the reversible networks: the structured fields' spectra, the linearised midpoint step, the guards.
 
-The theory (msnet/core/reversible.py, :class:`ConvAntisym`): the two-step midpoint rule is stable on a
+The theory (msnet/core/residual.py, :class:`ConvAntisym`): the two-step midpoint rule is stable on a
 field whose Jacobian J has purely imaginary eigenvalues i omega, for h |omega| < 1, and on no step
 size where J has real eigenvalues (the parasitic root grows like exp(|lambda| t)). The tests walk the
 registry: every residual that declares a structured spectrum is checked against it.
@@ -15,8 +15,8 @@ import torch
 
 from msnet.core import INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, build_model
 from msnet.core.network import ODEBlock
-from msnet.core.residual import Spectrum, conv_norm
-from msnet.core.reversible import INIT_STEP_RATIO, antisym_stencil, scheme_note, stable_fields
+from msnet.core.residual import Spectrum, antisym_stencil, conv_norm
+from msnet.core.stability import INIT_STEP_RATIO, scheme_note, stable_fields
 from msnet.training.setup import stability_notes
 
 from .test_integrators import conv_matrix

@@ -315,4 +315,4 @@ def test_slurm_submission_is_picklable_and_runs_where_submitit_runs_it(tmp_path)
     assert outcome == "success" and job_return.status == JobStatus.COMPLETED
     run = tmp_path / "sweep" / "1"
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
-    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1  # job 1 of the sweep
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 0  # job 1 keeps the seed it was given

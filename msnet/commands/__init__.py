@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.config import Objective, missing_key, register_configs
 
 # Optuna (hydra/sweeper=optuna) imports alembic, whose plugin registry logs seven "setup plugin" INFO lines
@@ -121,10 +121,12 @@ def type_error_line(ex: BaseException) -> Optional[str]:
     from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-    if isinstance(ex, MissingConfigException) and ex.options and ex.missing_cfg_file and "/" in ex.missing_cfg_file:
+    if isinstance(ex, MissingConfigException) and ex.missing_cfg_file and "/" in ex.missing_cfg_file:
         group, _, option = ex.missing_cfg_file.rpartition("/")
-        options = sorted(o for o in ex.options if not o.endswith("_schema"))  # schemas stored in the group are not options
-        return f"{group}={option}: the group {group} has no option {option!r}; choose one of {', '.join(options)}"
+        # Hydra lists no options for an entry of a list (logger=[tensorboard,foo]): the group's files then
+        options = sorted(o for o in ex.options or _options(group) if not o.endswith("_schema"))  # schemas stored in the group are not options
+        if options:
+            return f"{group}={option}: the group {group} has no option {option!r}; choose one of {', '.join(options)}"
     appended = str(ex).partition("To append to your default list use +")[2].strip()
     if str(ex).startswith("Could not override") and appended:
         group = appended.partition("=")[0]
@@ -153,16 +155,50 @@ def unselected_group_line(ex: BaseException, overrides: List[str]) -> Optional[s
     """
     if not isinstance(ex, AssertionError) or "Unexpected type for root: NoneType" not in str(ex):
         return None
+    for override in [o for o in overrides if "=" in o and not o.startswith("-")]:
+        key = override.lstrip("+~").split("=", 1)[0]
+        off = _off_node(key, overrides)
+        if off is None:
+            continue
+        parent, _, option = off.rpartition(".")
+        if parent:  # a group option under a key of its own, e.g. logger.mlflow
+            return (f"{override}: {off} is off, so its keys cannot be set; select it first, "
+                    f"e.g. {parent}={option} {override}")
+        group = off  # an optional group of the defaults list, e.g. depth
+        return (f"{override}: the group {group} is off, so its keys cannot be set; select it first, "
+                f"e.g. +{group}={_options(group)[0]} {override}")
+    return None
+
+
+def _options(group: str) -> List[str]:
+    """The options of a config group: its YAML files in msnet.conf, by name."""
     from importlib.resources import files
 
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o and not o.startswith("-")]
-    for override, key in zip([o for o in overrides if "=" in o and not o.startswith("-")], keys):
-        group = key.split(".", 1)[0]
-        folder = files("msnet.conf") / group
-        if "." in key and group not in keys and folder.is_dir():
-            options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-            return (f"{override}: the group {group} is off, so its keys cannot be set; select it first, "
-                    f"e.g. +{group}={options[0]} {override}")
+    folder = files("msnet.conf") / group
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def _off_node(key: str, overrides: List[str]) -> Optional[str]:
+    """The null node of msnet train's schema that ``key`` lies under and that no override selects: ``depth`` for
+    ``depth.sizing`` without ``+depth=...``, ``logger.mlflow`` for ``logger.mlflow.experiment`` without
+    ``logger=mlflow`` (a group option of that name exists); None for a key under no such node."""
+    from omegaconf import OmegaConf
+
+    from msnet.config import TrainConfig
+
+    typed = {o.lstrip("+~").split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o}
+    node, parts = OmegaConf.structured(TrainConfig), key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        child = node._get_node(part)
+        if child._is_none():
+            group = ".".join(parts[:i])
+            if not group:
+                return part if part not in typed and _options(part) else None
+            chosen = typed.get(group, "").strip("[]").split(",")
+            return f"{group}.{part}" if part in _options(group.replace(".", "/")) and part not in chosen else None
+        node = child
     return None
 
 

@@ -11,7 +11,7 @@ from msnet.commands import CONFIG_PATH, errors_as_lines
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
     with errors_as_lines():
-        from msnet import MsnetError
+        from msnet.errors import MsnetError
         from msnet.runs import RunConsole
         from msnet.runs.display import records_table
         from msnet.runs.report import group_report, optuna_studies, report, setting_columns, study_line

@@ -1,4 +1,4 @@
-"""The ODE-ResNet core: residual functions, integrators, the network. No Hydra, no file I/O."""
+"""The ODE-ResNet core: residual fields, integrators, reversible schemes, stability, the network. No Hydra, no files."""
 
 from msnet.core.activations import ACTIVATIONS
 from msnet.core.device import resolve_device, resolve_dtype
@@ -8,7 +8,8 @@ from msnet.core.network import (
     CLASSIFIERS, ModelSpec, ODEBlock, ODEResNet, StageSpec, StochasticDepth, build_model, count_parameters,
 )
 from msnet.core.residual import RESIDUALS, AbstractResidual
-from msnet.core.reversible import ReversibleScheme, odeint_scheme
+from msnet.core.reversible import odeint_scheme
+from msnet.core.schemes import ReversibleScheme
 
 __all__ = [
     "ACTIVATIONS", "INTEGRATORS", "RESIDUALS", "CLASSIFIERS",

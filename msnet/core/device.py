@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 
 
 def resolve_device(name: str) -> torch.device:

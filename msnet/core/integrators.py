@@ -12,7 +12,7 @@ evaluations per step) and ``per_step_params`` (parameters can be moved in time
 by the depth schedules). Where numerical analysis gives one, an integrator also
 declares its stability condition: the Jacobian spectra it is stable on
 (``stable_for``) and the step size it needs there, h^step_power rho(J) < step_limit
-(:mod:`msnet.core.reversible`). A scheme may add learnable per-step parameters of its
+(:mod:`msnet.core.stability`). A scheme may add learnable per-step parameters of its
 own through :meth:`AbstractIntegrator.shapes` (a linear multistep scheme's
 k_n, say) without any change elsewhere.
 """
@@ -25,10 +25,9 @@ from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from msnet.core.residual import Spectrum
+from msnet.core.residual import Params, Spectrum
 from msnet.registry import Registry
 
-Params = Dict[str, torch.Tensor]
 StepFunction = Callable[[int, torch.Tensor], torch.Tensor]
 """``f(j, y)``: the residual F evaluated at state ``y`` with step ``j``'s parameters."""
 

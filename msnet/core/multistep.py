@@ -24,7 +24,8 @@ from typing import ClassVar, Dict, Sequence, Tuple
 
 import torch
 
-from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, Params, StepFunction
+from msnet.core.integrators import INTEGRATORS, AbstractIntegrator, StepFunction
+from msnet.core.residual import Params
 
 Coefficients = Tuple[Tuple[float, ...], Tuple[float, ...]]
 

@@ -20,11 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core.activations import ACTIVATIONS
 from msnet.core.integrators import INTEGRATORS, AbstractIntegrator
 from msnet.core.residual import RESIDUALS, AbstractResidual
-from msnet.core.reversible import check_scheme, odeint_scheme, stabilise_, state_dtype, step_ratios, uses_scheme
+from msnet.core.reversible import odeint_scheme, state_dtype, uses_scheme
+from msnet.core.stability import check_scheme, stabilise_, step_ratios
 from msnet.registry import Registry
 
 
@@ -175,7 +176,7 @@ class ODEBlock(nn.Module):
 
     def step_ratios(self) -> Optional[torch.Tensor]:
         """``(N,)``: how far along its stability limit each step is, h^p rho_j / limit (below 1: stable);
-        None where the integrator states no condition for this residual (:func:`~msnet.core.reversible.step_ratios`)."""
+        None where the integrator states no condition for this residual (:func:`~msnet.core.stability.step_ratios`)."""
         return step_ratios(self.integrator, self.residual, self.step_parameters(), self.h)
 
     def bound_steps_(self, max_ratio: float) -> None:
@@ -449,7 +450,7 @@ class ODEResNet(nn.Module):
         """Per stage, the largest h^p rho_j / limit over its steps (:meth:`ODEBlock.step_ratios`): below 1 every
         frozen linearised step is stable at every state; None where no condition applies.
 
-        A new network starts at most at 1/2 (:func:`~msnet.core.reversible.stabilise_`). Training does not
+        A new network starts at most at 1/2 (:func:`~msnet.core.stability.stabilise_`). Training does not
         keep it there unless ``model.step_bound`` says so (:meth:`bound_steps_`), and mostly need not: the
         presets reach 4-8 after one epoch (scripts/bench/bench_presets.py) with states that stay bounded
         (:meth:`state_norms`), since the bound takes sigma' = 1 at every state."""

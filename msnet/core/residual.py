@@ -5,6 +5,13 @@ parameters one time step needs (:meth:`AbstractResidual.shapes`), initialises
 them, and evaluates F at one step's parameters. The ODE block keeps the
 parameters of all N steps stacked along a leading time axis, so schedules can
 read and write them as whole per-step tensors (``K: (N, C, C, 3, 3)``).
+
+Besides the plain fields (``conv_act`` and the pre-activation blocks), three are built so that
+their Jacobian's spectrum has the structure a reversible scheme is stable on (Chang et al. 2018,
+arXiv:1709.03698; Haber & Ruthotto 2017): ``hamiltonian`` (a partitioned field, for symplectic
+Euler), ``conv_antisym`` (imaginary, for the midpoint rule) and ``conv_sym`` (nonpositive, for
+leapfrog). Each declares that structure (``spectrum``) and a bound on rho(J) from its stencils
+(``spectral_bounds``), which :mod:`msnet.core.stability` compares with the scheme's step limit.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ from typing import ClassVar, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core.activations import ACTIVATIONS
 from msnet.registry import Registry
 
 Params = Dict[str, torch.Tensor]
+"""Parameters by name: one step's ``theta`` (``K (C, C, 3, 3)``), or all N steps' stacked (``K (N, C, C, 3, 3)``)."""
 
 
 class Spectrum(str, Enum):
@@ -243,3 +251,157 @@ class PreActBottleneck(AbstractResidual):
         z = F.conv2d(self.activation(y), theta["W1"], theta["b1"])
         z = F.conv2d(self.activation(z), theta["K2"], theta["b2"], padding=1)
         return F.conv2d(self.activation(z), theta["W3"], theta["b3"])
+
+
+def _conv_bound(fan_in: int) -> float:
+    return 1.0 / math.sqrt(fan_in)
+
+
+def sym_conv(x: torch.Tensor, K: torch.Tensor, b: torch.Tensor, activation) -> torch.Tensor:
+    """K^T sigma(K x + b) for 3x3 stencils K ``(C_out, C_in, 3, 3)``, zero boundary: ``(B, C_in, H, W)``.
+
+    K^T is ``conv_transpose2d(., K, padding=1)``, computed as the equal ``conv2d`` with the
+    stencils swapped in and out and flipped, which takes PyTorch's fast convolution path.
+    """
+    return F.conv2d(activation(F.conv2d(x, K, b, padding=1)), K.transpose(0, 1).flip(2, 3), padding=1)
+
+
+@RESIDUALS.register("hamiltonian")
+class HamiltonianResidual(AbstractResidual):
+    """The Hamiltonian field F(Y, Z) = (K1^T sigma(K1 Z + b1), -K2^T sigma(K2 Y + b2)).
+
+    Chang et al. 2018 (arXiv:1709.03698), eq. for the Hamiltonian network; the
+    authors' code (github.com/changebo/revnet-public, ``hamiltonian_model.py``) also
+    uses one stencil K and its transpose per half. The state's C channels are
+    (Y, Z) = (first C/2, last C/2); C must be even. ``parts``: ``"y"`` is dY/dt from Z,
+    ``"z"`` is dZ/dt from Y. Parameters per step: ``K1, K2 (C/2, C/2, 3, 3)``,
+    ``b1, b2 (C/2,)``; K^T is ``conv_transpose2d`` with the same stencil (zero boundary).
+    """
+
+    name = "hamiltonian"
+    parts = ("y", "z")
+    channel_multiple = 2
+    spectrum = Spectrum.imaginary
+    kernels = ("K1", "K2")
+    kernel_degree = 2
+
+    def __init__(self, channels: int, activation: str = "tanh"):
+        if channels % 2:
+            raise MsnetError(
+                f"residual 'hamiltonian' splits channels into halves (Y, Z); got {channels}, use an even count"
+            )
+        super().__init__(channels, activation)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        c = self.channels // 2
+        return {"K1": (c, c, 3, 3), "b1": (c,), "K2": (c, c, 3, 3), "b2": (c,)}
+
+    def init_(self, params: Params) -> None:
+        bound = _conv_bound(9 * (self.channels // 2))
+        with torch.no_grad():
+            params["K1"].uniform_(-bound, bound)
+            params["K2"].uniform_(-bound, bound)
+            params["b1"].zero_()
+            params["b2"].zero_()
+
+    def part(self, name: str, x: torch.Tensor, theta: Params) -> torch.Tensor:
+        """``"y"``: K1^T sigma(K1 x + b1) with x = Z; ``"z"``: -K2^T sigma(K2 x + b2) with x = Y. ``(B, C/2, H, W)``."""
+        if name == "y":
+            return sym_conv(x, theta["K1"], theta["b1"], self.activation)
+        if name == "z":
+            return -sym_conv(x, theta["K2"], theta["b2"], self.activation)
+        raise MsnetError(f"residual 'hamiltonian' has parts 'y' and 'z', not {name!r}")
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        Y, Z = y.chunk(2, dim=1)
+        return torch.cat([self.part("y", Z, theta), self.part("z", Y, theta)], dim=1)
+
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """||K1|| ||K2|| per step: J = [[0, M1], [-M2, 0]], M_i = K_i^T D_i K_i, has rho(J)^2 = rho(M1 M2) <= ||M1|| ||M2||."""
+        return conv_norm(params["K1"], memory=memory, key="K1") * conv_norm(params["K2"], memory=memory, key="K2")
+
+
+class AbstractStructuredConv(AbstractResidual):
+    """A field on one C x C 3x3 stencil K and a bias b per step whose Jacobian's spectrum has a structure.
+
+    The base of ``conv_sym`` and ``conv_antisym``: parameters per step ``K (C, C, 3, 3)`` (zero boundary) and
+    ``b (C,)``, drawn by :func:`init_stencil_and_bias_`, with K alone setting the size of J (``kernels``).
+    A final subclass states the field (``__call__``), its ``spectrum`` and its bound on rho(J)
+    (``spectral_bounds``, homogeneous of degree ``kernel_degree`` in K).
+    """
+
+    kernels = ("K",)
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return stencil_and_bias(self.channels)
+
+    def init_(self, params: Params) -> None:
+        init_stencil_and_bias_(params, self.channels)
+
+    @abc.abstractmethod
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """rho_j for each step, ``(N,)`` float64 (see :meth:`AbstractResidual.spectral_bounds`)."""
+
+
+@RESIDUALS.register("conv_sym")
+class ConvSym(AbstractStructuredConv):
+    """F(y) = -K^T sigma(K y + b): the symmetric (negative semi-definite Jacobian) layer.
+
+    Haber & Ruthotto, "Stable architectures for deep neural networks", Inverse
+    Problems 2017 (Meganet's ``doubleSymLayer``); the field of Chang et al. 2018's
+    leapfrog network. For monotone sigma the Jacobian -K^T D K is symmetric negative
+    semi-definite, so Y'' = F(Y) oscillates instead of growing. Parameters per step:
+    ``K (C, C, 3, 3)``, ``b (C,)``; K^T is ``conv_transpose2d`` with the same stencil.
+    """
+
+    name = "conv_sym"
+    spectrum = Spectrum.nonpositive
+    kernel_degree = 2
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        return -sym_conv(y, theta["K"], theta["b"], self.activation)
+
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """||K||^2 per step: rho(K^T D K) <= ||K||^2 for 0 <= D <= I."""
+        return conv_norm(params["K"], memory=memory) ** 2
+
+
+def antisym_stencil(K: torch.Tensor) -> torch.Tensor:
+    """The stencils of K - K^T for stencils K ``(..., C, C, 3, 3)`` (zero boundary): K^T swaps in and out and flips."""
+    return K - K.transpose(-4, -3).flip(-2, -1)
+
+
+@RESIDUALS.register("conv_antisym")
+class ConvAntisym(AbstractStructuredConv):
+    """F(y) = sigma((K - K^T) y + b): a field whose Jacobian has purely imaginary eigenvalues, the midpoint network's.
+
+    Haber & Ruthotto, "Stable architectures for deep neural networks", Inverse Problems 2017
+    (the antisymmetric layer sigma((K - K^T - gamma I) y + b), here with gamma = 0); the
+    stability argument of Chang et al. 2018 (arXiv:1709.03698), whose networks are built so
+    that J = dF/dy has (nearly) imaginary eigenvalues. K^T is the transposed convolution
+    (zero boundary), so A = K - K^T is an exactly antisymmetric matrix on the grid, A^T = -A.
+
+    On it the two-step midpoint rule Y_{j+1} = Y_{j-1} + 2h F(Y_j) is stable for h ||A|| < 1
+    (``Midpoint.step_limit``): J = D A, D = diag(sigma'), has the eigenvalues of the antisymmetric D^1/2 A D^1/2,
+    so they are i omega with |omega| <= ||A||, and the frozen linearised step's roots
+    i h omega +- sqrt(1 - h^2 omega^2) lie on the unit circle, distinct. A real eigenvalue lambda gives
+    a parasitic root of modulus ~ 1 + h |lambda| at every h: the plain field sigma(K y + b) (``conv_act``),
+    and the reason gamma = 0 here (the damping suits forward Euler; the midpoint rule amplifies it).
+    The proof: docs/methods/reversible.md, "Why the midpoint rule is stable on conv_antisym".
+
+    Use it with tanh (the ``midpoint`` preset does): relu keeps the imaginary spectrum, but D's zeros
+    leave Jordan blocks (growth linear in t), F >= 0 pushes every state up at every step, and the relu
+    network did not learn in msnet's trials (docs/results.md). Parameters per step: ``K (C, C, 3, 3)``,
+    ``b (C,)``, the count and cost (one C x C convolution) of ``conv_act``.
+    """
+
+    name = "conv_antisym"
+    spectrum = Spectrum.imaginary
+    kernel_degree = 1
+
+    def __call__(self, y: torch.Tensor, theta: Params) -> torch.Tensor:
+        return self.activation(F.conv2d(y, antisym_stencil(theta["K"]), theta["b"], padding=1))
+
+    def spectral_bounds(self, params: Params, memory: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """||K - K^T|| per step: rho(D A) <= ||A||."""
+        return conv_norm(antisym_stencil(params["K"]), memory=memory)

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.data.sources import DATASETS, RawData
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.registry import Registry
 
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import ODEResNet
 from msnet.core.reversible import uses_scheme
 from msnet.multigrid.space import get_transfer

@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.data import DataBundle
 from msnet.multigrid.network import restrict_images
 

@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import ODEResNet, build_model
 from msnet.core.network import FullFieldClassifier
 from msnet.multigrid.space import get_transfer, prolong_stencil, restrict_stencil

@@ -30,7 +30,7 @@ from typing import ClassVar, Dict
 import torch
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.registry import Registry
 
 

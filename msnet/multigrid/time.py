@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.registry import Registry
 
 if TYPE_CHECKING:

@@ -18,7 +18,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from msnet import MsnetError, __version__
+from msnet.config import upgrade_config
+from msnet.errors import MsnetError
+from msnet.version import __version__
 from msnet.core import ModelSpec, build_model, resolve_device, resolve_dtype
 
 FORMAT = "msnet-checkpoint/1"
@@ -37,7 +39,8 @@ KEYS: Dict[str, str] = {
     "mgopt": "trainer=mgopt only: the coarse levels' optimiser/scheduler states and the hierarchy's depths",
     "rmtr": "trainer=rmtr only: per level its trust-region radius, L-SR1 pairs and counters; the sample window k "
             "and the growth rule's counters; the hierarchy's depths",
-    "rng": '{"torch": ByteTensor, "data": ByteTensor, "cuda": [ByteTensor]} (cuda only where a GPU was seen)',
+    "rng": '{"torch": ByteTensor, "data": ByteTensor, "cuda": [ByteTensor]} (cuda only where a GPU was seen); '
+           'DDP runs add "ranks": [{"torch", "cuda"}] per rank, each rank\'s own stream',
     "history": "the metrics records written so far (list of dicts; [] for a transferred network)",
     "resolution": "[H, W] of the images the network works on",
     "depth": "layers per stage",
@@ -156,6 +159,8 @@ def load_checkpoint(path: str | os.PathLike | None, map_location: Any = "cpu") -
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise MsnetError(f"checkpoint {p} lacks {', '.join(missing)}; it is damaged, use another one")
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"] = upgrade_config(ckpt["config"])  # once, here: every reader sees today's keys
     ckpt["path"] = str(p)
     return ckpt
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.runs.display import typed
 from msnet.runs.rundir import read_metrics
 

@@ -7,13 +7,13 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.config import check_known_keys
 from msnet.data import prepare_data
 from msnet.multigrid import data_for_size
 from msnet.runs import RunConsole, RunDir, load_checkpoint, restore
 from msnet.runs.display import records_table
-from msnet.training.loop import evaluate
+from msnet.training.evaluation import evaluate
 
 
 def evaluate_checkpoint(cfg: DictConfig, run_dir: Optional[str | Path] = None, console: Optional[RunConsole] = None) -> List[Dict[str, Any]]:

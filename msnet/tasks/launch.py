@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, List, Mapping, Optional
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.training.distributed import DistEnv, threads_per_rank
 from msnet.training.setup import check_config
 

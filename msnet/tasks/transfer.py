@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.config import check_known_keys
 from msnet.data import prepare_data
 from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transfer, data_for_size, fit_transfer,
@@ -42,7 +42,7 @@ from msnet.multigrid import (TIME_PROLONGATIONS, FitReport, check_stencil_transf
 from msnet.multigrid.datafit import check_fittable, fit_sample
 from msnet.runs import Restored, RunConsole, RunDir, make_payload, restore, save_checkpoint
 from msnet.runs.display import records_table
-from msnet.training.loop import evaluate
+from msnet.training.evaluation import evaluate
 
 
 def find_latest_run(outputs: str | Path, level: str) -> Path:

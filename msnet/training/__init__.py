@@ -1,14 +1,21 @@
-"""Training: the single-level fit loop, update rules, optimisers, schedules."""
+"""Training: the loop only (preflight, run state, schedules, the level loop, one epoch, DDP, speed options).
 
-from msnet.training.api import train
-from msnet.training.loop import evaluate, train_epoch
-from msnet.training.optim import OPTIMIZERS, build_optimizer
-from msnet.training.updates import UPDATE_RULES, FirstOrder, StepOutput, UpdateRule, build_update
-from msnet.training import bcd as _bcd  # noqa: F401,E402  registers optimizer=bcd
-from msnet.training import mgopt as _mgopt  # noqa: F401,E402  registers trainer=mgopt
-from msnet.training import rmtr as _rmtr  # noqa: F401,E402  registers trainer=rmtr
+The methods it trains with live in :mod:`msnet.methods`. Nothing is imported eagerly, so that importing a
+module of this package (``msnet.training.loop`` for ``msnet evaluate``) loads neither the trainer nor any method;
+``from msnet.training import train`` loads the trainer when it is asked for.
+"""
 
-__all__ = [
-    "OPTIMIZERS", "UPDATE_RULES", "FirstOrder", "StepOutput", "UpdateRule", "build_optimizer", "build_update",
-    "evaluate", "train", "train_epoch",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"train": "msnet.training.api", "evaluate": "msnet.training.evaluation", "train_epoch": "msnet.training.loop"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'msnet.training' has no attribute {name!r}")

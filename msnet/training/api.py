@@ -15,13 +15,13 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import DictConfig
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import count_parameters, resolve_device, resolve_dtype
 from msnet.data import DataBundle, prepare_data
 from msnet.runs import RunConsole, RunDir, save_checkpoint
 from msnet.runs.display import columns_of, key_value_table, records_table
 from msnet.runs.plots import run_figures
-from msnet.runs.tracking import job_identity, open_tracker
+from msnet.runs.tracking import job_identity, open_trackers
 from msnet.training import distributed
 from msnet.training.fit import level_label, run_levels
 from msnet.training.loop import NonFiniteLoss
@@ -75,11 +75,11 @@ def _train(cfg: DictConfig, run_dir: str | Path, overrides: Optional[List[str]],
 
 
 def _open_run(cfg: DictConfig, run_dir: Path, ckpt: Optional[Dict[str, Any]], env: distributed.DistEnv) -> RunDir:
-    """The run directory, with the tracker ``cfg.logger`` names on rank 0 (continuing the resumed run's)."""
+    """The run directory, with the trackers ``cfg.logger`` chose on rank 0 (continuing the resumed run's)."""
     if not env.is_main:
         return RunDir(run_dir)
     previous = Path(ckpt["path"]).parent.parent if ckpt is not None and ckpt.get("path") else None
-    return RunDir(run_dir, tracker=open_tracker(cfg, run_dir, previous=previous, **job_identity(run_dir)))
+    return RunDir(run_dir, trackers=open_trackers(cfg, run_dir, previous=previous, **job_identity(run_dir)))
 
 
 def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: RunConsole,
@@ -89,16 +89,16 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
         torch.set_num_threads(int(cfg.threads))
     device = distributed.setup(env, resolve_device(cfg.device), cfg.threads)
     dtype = resolve_dtype(cfg.dtype)
-    run.write_config(cfg)
     run.write_command(argv)
 
     t_setup = time.perf_counter()
     data = prepare_data(cfg.dataset, device, dtype)
+    run.write_config(cfg, data)  # after the data: trackers get its real class count (dataset.num_classes)
     spec = model_spec(cfg.model, data)
     schedule = build_schedule(cfg, data.image_size, len(spec.stages))
     state = (RunState.resume(ckpt, cfg, spec, schedule, device, dtype) if ckpt is not None
              else RunState.start(cfg, spec, schedule, device, dtype))
-    distributed.seed_rank(int(cfg.seed), env)
+    distributed.seed_rank(int(cfg.seed), env, (ckpt or {}).get("rng", {}).get("ranks"))
     run.reset_metrics(state.history)
     setup_s = time.perf_counter() - t_setup
     _print_start(console, cfg, data, spec, schedule, state, device, env, run)
@@ -127,13 +127,14 @@ def _run(cfg: DictConfig, run: RunDir, ckpt: Optional[Dict[str, Any]], console: 
                 if state.ended_early(schedule):
                     console.print(_plateau_line(state, schedule, step.level, step.record["resolution"]))
                 payload = None  # built once for last.pt and best.pt alike
+                ranks = distributed.gather_rng(env)  # every rank's stream (DDP; a collective, so every rank asks)
                 if state.level_epoch % cfg.trainer.checkpoint_every == 0 or state.finished(schedule):
                     if env.is_main:  # ranks > 0 hold the same weights; rank 0's file is the run's
-                        payload = state.payload(cfg, schedule)
+                        payload = state.payload(cfg, schedule, ranks)
                         save_checkpoint(ckpt_path, payload)
                     last_good = state.epoch
                 if watch is not None and state.is_best(schedule, *watch):
-                    save_checkpoint(best_path, payload or state.payload(cfg, schedule))
+                    save_checkpoint(best_path, payload or state.payload(cfg, schedule, ranks))
     except KeyboardInterrupt:
         status = "interrupted"
     except NonFiniteLoss as err:
@@ -167,7 +168,8 @@ def _plateau_line(state: RunState, schedule: Schedule, level: Any, resolution: A
     by = f" by more than {schedule.min_delta:g}" if schedule.min_delta else ""
     span = f"{patience} epoch" + ("s" if patience > 1 else "")
     what = "the run stops" if state.level_index == len(schedule) - 1 else f"{level_label(schedule, level, resolution)}ends"
-    return (f"{what} after {state.level_epoch} of {level.epochs} epochs: its validation loss has not improved{by} "
+    watched = "validation accuracy" if schedule.monitor[1] else "validation loss"
+    return (f"{what} after {state.level_epoch} of {level.epochs} epochs: its {watched} has not improved{by} "
             f"for {span} ({schedule.patience_key(state.level_index)})")
 
 
@@ -235,6 +237,8 @@ def _summarize(state: RunState, schedule: Schedule, data: DataBundle, status: st
                                   int(cfg.trainer.eval_batch_size), (state.epoch, final)),
         "resumed_from": state.resumed_from["path"] if state.resumed_from else None,
         "run_dir": str(run.path),
+        # what patience, level_patience and best.pt watched (trainer.objective's validation metric)
+        "monitor": f"{schedule.monitor[0]} ({'max' if schedule.monitor[1] else 'min'})",
     }
     if error:
         summary["error"] = error
@@ -253,7 +257,7 @@ def _print_summary(console: RunConsole, summary: Dict[str, Any], state: RunState
         ended = ["ended"] if any(lvs.get("ended") for lvs in shown_levels) else []
         console.print(records_table("levels", shown_levels, LEVEL_COLUMNS + ended))
     shown = {k: summary[k] for k in (
-        "status", "stopped_early", "epochs", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
+        "status", "stopped_early", "epochs", "monitor", "final_val_acc", "final_test_acc", "final_test_loss", "best_val_acc",
         "wall_time_s", "parameters", "device", "checkpoint") if summary.get(k) is not None}
     if summary.get("best_checkpoint"):
         test = summary.get("best_checkpoint_test_acc")

@@ -23,7 +23,8 @@ How a K-process run divides the work, and why it equals one process with the sam
   ordinary backprop, so DDP needs ``find_unused_parameters`` only with stochastic depth, whose
   dropped steps leave parameters unused on some ranks.
 - **Randomness.** The global torch RNG (stochastic-depth gates) is seeded ``seed + rank``
-  (:func:`seed_rank`); rank 0 keeps the stream a single process has.
+  (:func:`seed_rank`); rank 0 keeps the stream a single process has. Checkpoints keep every rank's
+  state (:func:`gather_rng`), so a resume gives each rank its own stream back.
 - **Metrics.** Epoch loss/accuracy sums are all-reduced (:meth:`Shard.sum`), so every rank sees
   the global numbers at each read-back (and all of them stop together on a non-finite loss).
   Validation and test are evaluated identically on every rank (same weights, whole split):
@@ -44,13 +45,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 
 _OWNED_GROUP = False  # whether setup() (not the caller) initialised the process group
 
@@ -147,14 +148,37 @@ def cleanup() -> None:
     _OWNED_GROUP = False
 
 
-def seed_rank(seed: int, env: DistEnv) -> None:
+def seed_rank(seed: int, env: DistEnv, saved: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Seed the global torch RNG (stochastic-depth gates) with ``seed + rank``; rank 0 keeps its stream.
 
     Called once the model is built (so every rank builds the same weights) and after a resume
-    restored rank 0's saved RNG state on every rank.
+    restored rank 0's saved RNG state on every rank. ``saved``: a resumed checkpoint's per-rank
+    states (:func:`gather_rng`); rank r > 0 takes its own back instead of starting ``seed + r`` again.
     """
-    if env.rank > 0:
+    if env.rank == 0:
+        return
+    if saved is not None and env.rank < len(saved):
+        torch.set_rng_state(saved[env.rank]["torch"])
+        if "cuda" in saved[env.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved[env.rank]["cuda"])
+    else:
         torch.manual_seed(seed + env.rank)
+
+
+def gather_rng(env: DistEnv) -> Optional[List[Dict[str, Any]]]:
+    """Every rank's global torch (and CUDA) RNG state, in rank order, on every rank; None for one process.
+
+    A collective: every rank calls it at the same point. A checkpoint keeps the list
+    (``rng["ranks"]``) so that :func:`seed_rank` gives each rank its stream back on a resume.
+    """
+    if not env.enabled:
+        return None
+    mine: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state_all()
+    states: List[Any] = [None] * env.world_size
+    dist.all_gather_object(states, mine)
+    return states
 
 
 def wrap(module: nn.Module, env: DistEnv, device: torch.device, find_unused: bool = False) -> nn.Module:

@@ -21,11 +21,13 @@ from rich.progress import Progress
 from msnet.data import DataBundle
 from msnet.training import distributed, speed
 from msnet.training.distributed import DistEnv
-from msnet.training.loop import evaluate, train_epoch
-from msnet.training.regularizers import build_regularizer
+from msnet.training.evaluation import evaluate
+from msnet.training.loop import train_epoch
+from msnet.methods.regularizers import build_regularizer
 from msnet.training.schedule import Level, Schedule
 from msnet.training.state import RunState
-from msnet.training.updates import UpdateRule, build_update
+from msnet.methods.base import UpdateRule
+from msnet.methods import build_update
 
 
 @dataclass
@@ -67,7 +69,7 @@ def epoch_parts(n_train: int, share: float, evals_per_epoch: int,
 
 def batch_growth(trainer: Any) -> float:
     """``trainer.batch_growth``; 1.0 (a fixed mini-batch) for configs saved before it existed."""
-    return float(OmegaConf.select(trainer, "batch_growth", default=1.0) or 1.0)
+    return float(trainer.batch_growth)
 
 
 def epoch_batch_size(trainer: Any, epoch: int, n_train: int) -> int:
@@ -79,7 +81,7 @@ def epoch_batch_size(trainer: Any, epoch: int, n_train: int) -> int:
     growth = batch_growth(trainer)
     if growth == 1.0:
         return b
-    cap = OmegaConf.select(trainer, "batch_max", default=None) or n_train
+    cap = trainer.batch_max or n_train
     return max(b, min(int(cap), round(b * growth ** (epoch - 1))))
 
 

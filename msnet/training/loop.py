@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.data import batches, num_batches
-from msnet.training.updates import FirstOrder, UpdateRule
+from msnet.methods.first_order import FirstOrder
+from msnet.methods.base import UpdateRule
 
 if TYPE_CHECKING:
     from msnet.training.distributed import Shard
@@ -54,8 +54,8 @@ def train_epoch(
 ) -> EpochResult:
     """One pass over ``(x, y)`` in shuffled mini-batches, each handed to ``update``.
 
-    ``update`` is an :class:`~msnet.training.updates.UpdateRule`, or a ``torch.optim``
-    optimiser, which is wrapped in :class:`~msnet.training.updates.FirstOrder` with
+    ``update`` is an :class:`~msnet.methods.base.UpdateRule`, or a ``torch.optim``
+    optimiser, which is wrapped in :class:`~msnet.methods.first_order.FirstOrder` with
     ``grad_clip`` and ``penalty`` (a regulariser added to the objective; the reported
     loss is the data loss alone). Running sums stay on the device and are read back only
     every ``log_every`` batches (and at the end), so the loop adds no host
@@ -101,19 +101,3 @@ def train_epoch(
             if on_progress is not None:
                 on_progress(i, mean_loss, totals[1] / totals[2], totals[2] / (time.perf_counter() - start))
     return EpochResult(totals[0] / totals[2], totals[1] / totals[2], time.perf_counter() - start, int(totals[2]))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> Dict[str, float]:
-    """Mean cross-entropy ``loss`` and accuracy ``acc`` (fraction in [0, 1]) of ``model`` on ``(x, y)``."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x.device, dtype=torch.int64)
-    for xb, yb in batches(x, y, batch_size):
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
-    n = max(1, y.shape[0])
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}

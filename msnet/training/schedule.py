@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from omegaconf import OmegaConf
 
-from msnet import MsnetError
+from msnet.config import Objective
+from msnet.errors import MsnetError
 from msnet.data import DataBundle
 from msnet.multigrid import (TRANSFERS, FitReport, check_stencil_transfer, fit_transfer, level_data, transfer_depth,
                              transfer_resolution)
@@ -63,7 +63,8 @@ class Schedule:
     first-order optimiser's state (``depth.carry_optimizer``, :meth:`carry`); ``pyramid``: the pyramid config (stencil fit
     settings) or None; ``seed``: draws the stencil fit's images; ``patience`` / ``final_patience`` / ``min_delta``:
     a level before the last (``trainer.level_patience``), or the last one (``trainer.patience``, early stopping),
-    ends early at a validation plateau (:meth:`ends_early`). One schedule serves one dataset: :meth:`data_at`
+    ends early at a plateau of the ``monitor`` metric (key, higher-is-better; that of ``trainer.objective``,
+    :meth:`ends_early`). One schedule serves one dataset: :meth:`data_at`
     caches each level's restricted images.
     """
 
@@ -77,6 +78,7 @@ class Schedule:
     patience: Optional[int] = None
     min_delta: float = 0.0
     final_patience: Optional[int] = None
+    monitor: Tuple[str, bool] = ("val_loss", False)
     _data: Dict[int, DataBundle] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -90,9 +92,11 @@ class Schedule:
 
     def ends_early(self, index: int, rows: List[Dict[str, Any]]) -> bool:
         """Whether level ``index`` ends after the epochs ``rows`` (its ``metrics.jsonl`` rows, first first) because
-        its validation loss has plateaued (:func:`plateaued`) for the level's patience (:meth:`patience_of`)."""
+        the monitored validation metric (:attr:`monitor`) has plateaued (:func:`plateaued`) for the level's patience
+        (:meth:`patience_of`)."""
         patience = self.patience_of(index)
-        return patience is not None and plateaued([r.get("val_loss") for r in rows], patience, self.min_delta)
+        key, higher = self.monitor
+        return patience is not None and plateaued([r.get(key) for r in rows], patience, self.min_delta, higher)
 
     def patience_of(self, index: int) -> Optional[int]:
         """The plateau patience of level ``index``: ``trainer.patience`` for the last, ``trainer.level_patience``
@@ -145,12 +149,15 @@ class Schedule:
         return prolong_optimizer_state(old_opt, old_net, new_opt, new_net, self.time_prolongation)
 
 
-def plateaued(losses: List[Optional[float]], patience: int, min_delta: float = 0.0) -> bool:
-    """Whether none of the last ``patience`` validation losses is more than ``min_delta`` below the best one before
-    them (False until there are more than ``patience``, or when a loss is missing or not finite)."""
-    if len(losses) <= patience or any(v is None or not math.isfinite(v) for v in losses):
+def plateaued(values: List[Optional[float]], patience: int, min_delta: float = 0.0, higher: bool = False) -> bool:
+    """Whether none of the last ``patience`` values improves by more than ``min_delta`` on the best one before them:
+    is more than ``min_delta`` below it (a loss), or above it with ``higher`` (an accuracy). False until there are
+    more than ``patience`` values, or when one is missing or not finite."""
+    if len(values) <= patience or any(v is None or not math.isfinite(v) for v in values):
         return False
-    return min(losses[-patience:]) >= min(losses[:-patience]) - min_delta
+    if higher:
+        return max(values[-patience:]) <= max(values[:-patience]) + min_delta
+    return min(values[-patience:]) >= min(values[:-patience]) - min_delta
 
 
 def max_restrictions(native: Tuple[int, int], stages: int) -> int:
@@ -259,13 +266,11 @@ def build_schedule(cfg: Any, native: Tuple[int, int], stages: int) -> Schedule:
     else:
         check_levels(native, finest, stages, f"level={cfg.level}", lambda k: f"use a level at most {k} restriction(s) below fine")
     operator, sigma = transfer_settings(cfg)
-    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
-    final = OmegaConf.select(cfg, "trainer.patience", default=None)
+    trainer = cfg.trainer
     return Schedule(levels, operator, sigma, str(depth.prolongation) if depth is not None else "linear", pyramid,
                     int(cfg.seed), bool(depth.get("carry_optimizer", False)) if depth is not None else False,
-                    int(patience) if patience is not None else None,
-                    float(OmegaConf.select(cfg, "trainer.min_delta", default=0.0) or 0.0),
-                    int(final) if final is not None else None)
+                    trainer.level_patience, float(trainer.min_delta), trainer.patience,
+                    Objective(trainer.objective).monitor)
 
 
 def check_stencil_fit(cfg: Any, model: torch.nn.Module) -> None:

@@ -9,19 +9,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import (ACTIVATIONS, CLASSIFIERS, INTEGRATORS, RESIDUALS, ModelSpec, StageSpec, StochasticDepth,
                          resolve_dtype)
 from msnet.core.network import check_connective, check_p_last, check_step_bound
-from msnet.core.reversible import check_scheme, scheme_note
-from msnet.config import check_known_keys
+from msnet.core.stability import check_scheme, scheme_note
+from msnet.config import Objective, check_known_keys, stochastic_depth_p_last
 from msnet.data import DATASETS, DataBundle
 from msnet.multigrid.time import check_knots
 from msnet.runs import load_checkpoint
 from msnet.runs.tracking import check_backend
 from msnet.training import distributed, speed
 from msnet.training.distributed import DistEnv
-from msnet.training.updates import selected_rule
+from msnet.methods import selected_rule
 
 
 def set_seed(seed: int) -> None:
@@ -52,7 +52,7 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     """Check every registry name and range once, before data is loaded or anything is written.
 
     ``env``: the processes the run will train on (one when None). The update rule the config
-    selects checks its own settings (:meth:`~msnet.training.updates.UpdateRule.check`) and says
+    selects checks its own settings (:meth:`~msnet.methods.base.UpdateRule.check`) and says
     whether data-parallel training and the GPU speed options apply to it.
     """
     if cfg.seed is None:
@@ -69,10 +69,10 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "checkpoint_every"):
         if cfg.trainer[key] < 1:
             raise MsnetError(f"trainer.{key} must be at least 1, got {cfg.trainer[key]}")
-    growth = OmegaConf.select(cfg, "trainer.batch_growth", default=1.0)
+    growth = cfg.trainer.batch_growth
     if growth is None or not float(growth) >= 1.0:
         raise MsnetError(f"trainer.batch_growth must be at least 1 (1: a fixed mini-batch), got {growth}")
-    cap = OmegaConf.select(cfg, "trainer.batch_max", default=None)
+    cap = cfg.trainer.batch_max
     if cap is not None and int(cap) < int(cfg.trainer.batch_size):
         raise MsnetError(f"trainer.batch_max={cap} is below trainer.batch_size={cfg.trainer.batch_size}; "
                          f"raise it, or null for the whole training set")
@@ -86,9 +86,9 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
         raise MsnetError(f"threads must be at least 1 (or null for torch's default), got {cfg.threads}")
     check_p_last(stochastic_depth_p_last(cfg.model))
     check_architecture(cfg.model)
-    knots = OmegaConf.select(cfg, "model.init_knots", default=None)
+    knots = cfg.model.init_knots
     if knots is not None:  # the network starts at depth.start steps under +depth, else model.layers
-        check_knots(int(knots), int(OmegaConf.select(cfg, "depth.start", default=None) or cfg.model.layers))
+        check_knots(int(knots), int(cfg.depth.start if cfg.depth is not None else cfg.model.layers))
     rule = selected_rule(cfg)
     rule.check(cfg)
     distributed.check(cfg, env or DistEnv(), rule)
@@ -99,17 +99,18 @@ def check_config(cfg: DictConfig, env: Optional[DistEnv] = None) -> None:
 def check_level_patience(cfg: DictConfig) -> None:
     """``trainer.level_patience`` / ``patience`` / ``min_delta``: in range, and only where there are levels (for
     ``level_patience``) and validation data."""
-    delta = OmegaConf.select(cfg, "trainer.min_delta", default=0.0)
+    delta = cfg.trainer.min_delta
     if delta is None or not float(delta) >= 0:
         raise MsnetError(f"trainer.min_delta must be >= 0, got {delta}")
-    final = OmegaConf.select(cfg, "trainer.patience", default=None)
+    final = cfg.trainer.patience
+    watched = f"{Objective(cfg.trainer.objective).monitor[0]} (trainer.objective={cfg.trainer.objective})"
     if final is not None:
         if int(final) < 1:
             raise MsnetError(f"trainer.patience must be at least 1 (or null: no early stopping), got {final}")
         if int(cfg.dataset.val_size) == 0:
-            raise MsnetError(f"trainer.patience={final} watches the validation loss, but dataset.val_size=0 "
+            raise MsnetError(f"trainer.patience={final} watches {watched}, but dataset.val_size=0 "
                              f"holds out no validation images; set dataset.val_size=N")
-    patience = OmegaConf.select(cfg, "trainer.level_patience", default=None)
+    patience = cfg.trainer.level_patience
     if patience is None:
         return
     if int(patience) < 1:
@@ -119,18 +120,13 @@ def check_level_patience(cfg: DictConfig) -> None:
         raise MsnetError(f"trainer.level_patience={patience} ends a level early, but this run has one level; "
                          f"add +pyramid=2level or +depth=doubling, or drop it")
     if int(cfg.dataset.val_size) == 0:
-        raise MsnetError(f"trainer.level_patience={patience} watches the validation loss, but dataset.val_size=0 "
+        raise MsnetError(f"trainer.level_patience={patience} watches {watched}, but dataset.val_size=0 "
                          f"holds out no validation images; set dataset.val_size=N")
-
-
-def stochastic_depth_p_last(model_cfg: Any) -> float:
-    """``model.stochastic_depth.p_last``; 1.0 (off) for configs saved before it existed."""
-    return float(OmegaConf.select(model_cfg, "stochastic_depth.p_last", default=1.0))
 
 
 def stage_widths(model_cfg: Any) -> List[int]:
     """Channels of each stage: ``model.widths`` when set, else ``channels * growth**i``."""
-    widths = OmegaConf.select(model_cfg, "widths", default=None)
+    widths = model_cfg.widths
     if widths is None:
         return [int(model_cfg.channels * model_cfg.growth**i) for i in range(int(model_cfg.stages))]
     widths = [int(w) for w in widths]
@@ -147,21 +143,21 @@ def check_architecture(model_cfg: Any) -> None:
     Configs saved before ``backprop``/``connective`` existed read as ``store``/``conv``.
     """
     widths = stage_widths(model_cfg)
-    backprop = OmegaConf.select(model_cfg, "backprop", default="store")
+    backprop = model_cfg.backprop
     check_scheme(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual), backprop, widths)
-    check_connective(OmegaConf.select(model_cfg, "connective", default="conv"), widths)
+    check_connective(model_cfg.connective, widths)
     check_step_bound(step_bound(model_cfg), INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual))
 
 
 def step_bound(model_cfg: Any) -> Optional[float]:
     """``model.step_bound`` as a float, or None (off; also for configs saved before it existed)."""
-    value = OmegaConf.select(model_cfg, "step_bound", default=None)
+    value = model_cfg.step_bound
     return None if value is None else float(value)
 
 
 def stability_notes(model_cfg: Any) -> List[str]:
     """Warnings (not errors) the model config alone gives: an integrator on a residual whose Jacobian spectrum
-    it is not stable on at any step size (:func:`~msnet.core.reversible.scheme_note`), e.g. the plain
+    it is not stable on at any step size (:func:`~msnet.core.stability.scheme_note`), e.g. the plain
     ``model=midpoint model.residual=conv_act`` kept for comparison. One line each, naming the stable fields."""
     note = scheme_note(INTEGRATORS.get(model_cfg.integrator), RESIDUALS.get(model_cfg.residual))
     return ([note] if note else []) + long_stage_notes(model_cfg)
@@ -204,8 +200,8 @@ def model_spec(model_cfg: Any, data: DataBundle) -> ModelSpec:
         integrator=model_cfg.integrator,
         classifier=model_cfg.classifier,
         stochastic_depth=StochasticDepth(stochastic_depth_p_last(model_cfg)),
-        connective=str(OmegaConf.select(model_cfg, "connective", default="conv")),
-        backprop=str(OmegaConf.select(model_cfg, "backprop", default="store")),
+        connective=str(model_cfg.connective),
+        backprop=str(model_cfg.backprop),
         step_bound=step_bound(model_cfg),
     )
     spec.validate()

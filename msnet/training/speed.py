@@ -35,11 +35,11 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core.network import set_reversible_tf32
 from msnet.training import distributed
 from msnet.training.distributed import DistEnv
-from msnet.training.updates import UpdateRule
+from msnet.methods.base import UpdateRule
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 """``trainer.precision`` (:class:`~msnet.config.Precision`) -> the autocast dtype of the forward pass (None: no autocast)."""

@@ -21,18 +21,19 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from msnet import MsnetError
+from msnet.config import Objective
+from msnet.errors import MsnetError
 from msnet.core import ModelSpec, build_model
 from msnet.multigrid.time import smooth_in_time_
 from msnet.data import DataBundle
 from msnet.runs import load_checkpoint, make_payload
 from msnet.runs.checkpoint import load_model_state, saved_spec
-from msnet.training.loop import evaluate
+from msnet.training.evaluation import evaluate
 from msnet.training.schedule import Schedule, check_stencil_fit
 from msnet.training.setup import set_seed
-from msnet.training.updates import UpdateRule
+from msnet.methods.base import UpdateRule
 
 
 def rng_state(generator: torch.Generator) -> Dict[str, Any]:
@@ -95,7 +96,7 @@ class RunState:
             for stage in spec.stages:
                 stage.layers = schedule[0].layers
         model = build_model(spec).to(device=device, dtype=dtype)
-        knots = OmegaConf.select(cfg, "model.init_knots", default=None)
+        knots = cfg.model.init_knots
         if knots is not None:
             smooth_in_time_(model, int(knots))
         check_stencil_fit(cfg, model)
@@ -148,7 +149,10 @@ class RunState:
                 f"set trainer.patience=null to train further"
             )
         state.epoch = state.history[-1]["epoch"] if state.history else 0
-        state.level_summaries = list(ckpt.get("levels", []))
+        # the summary of the level the checkpoint is in stays only if that level is still over (an extension,
+        # trainer.epochs=N, trains it on and summarises it again at its new end)
+        levels = list(ckpt.get("levels", []))
+        state.level_summaries = levels if state.finished(schedule) else levels[: state.level_index]
         state.wall_before = state.history[-1]["wall_time_s"] if state.history else 0.0
         state.resumed_from = ckpt
         return state
@@ -179,11 +183,14 @@ class RunState:
         rows = [r for r in self.history if r.get("level_epoch", 0) >= 1]
         return rows[len(rows) - self.level_epoch:] if self.level_epoch else []
 
-    def payload(self, cfg: DictConfig, schedule: Schedule) -> Dict[str, Any]:
-        """The checkpoint of this state (:func:`msnet.runs.checkpoint.make_payload`)."""
+    def payload(self, cfg: DictConfig, schedule: Schedule,
+                ranks: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """The checkpoint of this state (:func:`msnet.runs.checkpoint.make_payload`); ``ranks``: every DDP rank's
+        torch RNG state (:func:`msnet.training.distributed.gather_rng`), kept as ``rng["ranks"]``."""
+        rng = {**rng_state(self.generator), **({"ranks": ranks} if ranks is not None else {})}
         return make_payload(
             self.model, cfg, epoch=self.epoch, level=schedule[self.level_index].name,
-            rule_state=self.rule.state_dict() if self.rule is not None else None, rng=rng_state(self.generator),
+            rule_state=self.rule.state_dict() if self.rule is not None else None, rng=rng,
             history=self.history, position=(self.level_index, self.level_epoch), levels=self.level_summaries,
             schedule=[lv.to_dict() for lv in schedule],
         )
@@ -196,10 +203,9 @@ def watched_metric(cfg: DictConfig, data: DataBundle) -> Optional[Tuple[str, boo
     """The validation metric ``checkpoints/best.pt`` follows: ``("val_acc", True)`` (higher is better) for an
     accuracy ``trainer.objective``, ``("val_loss", False)`` for a loss; None without ``trainer.save_best`` or
     without validation images."""
-    if not OmegaConf.select(cfg, "trainer.save_best", default=True) or not data.sizes()["val"]:
+    if not cfg.trainer.save_best or not data.sizes()["val"]:
         return None
-    objective = str(OmegaConf.select(cfg, "trainer.objective", default="best_val_acc"))
-    return ("val_acc", True) if objective.endswith("_acc") else ("val_loss", False)
+    return Objective(cfg.trainer.objective).monitor
 
 
 def carry_best(previous: Path, path: Path, epoch: int) -> None:

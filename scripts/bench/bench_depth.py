@@ -37,7 +37,7 @@ import torch
 from hydra.errors import HydraException
 
 from _harness import Point, first_hit, interleave, run, train_config, write_md_json
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole

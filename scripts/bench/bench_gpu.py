@@ -44,7 +44,7 @@ from msnet.runs.display import records_table
 from msnet.training import speed
 from msnet.training.distributed import DistEnv
 from msnet.training.loop import train_epoch
-from msnet.training.updates import FirstOrder
+from msnet.methods.first_order import FirstOrder
 
 
 def sync(device: torch.device) -> None:

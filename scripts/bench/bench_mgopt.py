@@ -19,7 +19,7 @@ level loop ``msnet.training.fit.run_levels`` through ``scripts/bench/_harness.py
   layers counts d / ``--layers`` FGE, and the target counts only at the full depth;
   each multilevel run (``--method``) is stopped once it has spent ``--budget-factor`` times the single runs' work.
 
-Work is counted in fine-gradient equivalents (FGE; msnet.training.mgopt's docstring): a single run
+Work is counted in fine-gradient equivalents (FGE; msnet.methods.mgopt's docstring): a single run
 spends 1 FGE per batch, a multilevel cycle what its levels' gradients and forward passes cost.
 Validation accuracy is measured before training and about every ``--eval-every`` batches
 (cycles): the loop splits each epoch into round(batches per epoch / eval-every) chunks.
@@ -46,12 +46,12 @@ import torch
 from hydra.errors import HydraException
 
 from _harness import Point, chunk_batches, first_hit, interleave, plot_curves, run, train_config, write_md_json
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import resolve_device, resolve_dtype
 from msnet.data import num_batches, prepare_data
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
-from msnet.training.hierarchy import coarse_depths
+from msnet.methods.hierarchy import coarse_depths
 
 DEFAULT = {"layers": 32, "channels": 8, "train_subset": 10000, "val_size": 2000, "epochs": 6, "eval_every": 10,
            "batch_size": 128, "method": "both", "lr": 2e-3, "levels": 3, "radius": 0.1, "nest": None}

@@ -9,7 +9,7 @@ that stopping early is fair to all):
 
 * adam: ``optimizer=adam optimizer.scheduler=constant`` (lr 2e-3), batch 128;
 * sgd:  ``optimizer=sgd`` (lr 0.1, momentum 0.9), batch 128;
-* bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/training/bcd.py), batch 1024.
+* bcd:  ``optimizer=bcd`` (Gauss–Newton–CG + Newton–CG, see msnet/methods/bcd.py), batch 1024.
 
 Each is trained by the trainer's own level loop (``msnet.training.fit.run_levels``, through
 ``scripts/bench/_harness.py``). The runs advance in turns, ``1/--evals-per-epoch`` of an epoch each, so

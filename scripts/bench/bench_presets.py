@@ -46,7 +46,7 @@ from hydra.errors import HydraException
 
 from _harness import markdown_table, run, train_config, write_md_json
 import msnet.conf
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import count_parameters, resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.runs import RunConsole

@@ -23,14 +23,14 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from _harness import markdown_table, start, train_config, write_md_json
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import resolve_device, resolve_dtype
 from msnet.data import prepare_data
 from msnet.multigrid import get_transfer, transfer_resolution
 from msnet.runs import RunConsole
 from msnet.runs.display import records_table
 from msnet.training.fit import run_levels
-from msnet.training.loop import evaluate
+from msnet.training.evaluation import evaluate
 from msnet.training.schedule import Level, Schedule
 
 

@@ -6,7 +6,7 @@
 Reads OUT/single and OUT/mgopt (two ``msnet train`` run directories: metrics.jsonl, config.yaml,
 summary.json). Work is counted in fine-gradient equivalents (FGE): the single-level run spends
 one per mini-batch, the MG/OPT run's epoch records carry its cumulative ``work_fge``
-(msnet/training/mgopt.py). Training time is the sum of the epochs' ``epoch_time_s`` (validation
+(msnet/methods/mgopt.py). Training time is the sum of the epochs' ``epoch_time_s`` (validation
 excluded). The target is the single-level run's plateau (mean validation accuracy of its last
 three epochs) minus 0.5 points. Writes OUT/gaedke2020.png (validation accuracy against work and
 against training time), OUT/table.md and OUT/table.json, and prints the table with the paper's

@@ -1,12 +1,12 @@
 """Coarser-in-time hierarchies of a network, shared by the multilevel update rules.
 
-``trainer=mgopt`` (:mod:`msnet.training.mgopt`) and ``trainer=rmtr`` (:mod:`msnet.training.rmtr`)
+``trainer=mgopt`` (:mod:`msnet.methods.mgopt`) and ``trainer=rmtr`` (:mod:`msnet.methods.rmtr`)
 train an ODE-ResNet through copies of it with fewer time steps over the same T: level
 l = 1..L (L finest, the network being trained) has N_l = N_L / 2^(L-l) steps per stage. This
 module holds what both build the same way: the depths of the levels (:func:`coarse_depths`),
 the coarse networks and their parameters (:func:`hierarchy_parts`), the transfer matrices
 between neighbouring levels (:func:`build_transfers`; R for variables, P for corrections, G for
-gradients, their meaning in :mod:`msnet.training.mgopt`'s docstring), a level's objective with its
+gradients, their meaning in :mod:`msnet.methods.mgopt`'s docstring), a level's objective with its
 coherence term (:class:`HierarchyLevel`) and the first-order coherent coarse model
 (:func:`couple_coarse`).
 
@@ -25,12 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import ODEResNet
 from msnet.multigrid import transfer_depth
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.regularizers import build_regularizer
-from msnet.training.updates import Penalty
+from msnet.methods.regularizers import build_regularizer
+from msnet.methods.base import Penalty
 
 
 def coarse_depths(depths: List[int], levels: int) -> List[List[int]]:

@@ -5,7 +5,7 @@ The training objective of a block of parameters theta (the others held fixed) is
     J(theta) = (1/B) sum_i CE(f_i(theta), y_i) + R(theta) + (lambda_wd / 2) ||theta||^2
 
 with logits f(theta) ``(B, classes)`` and a regulariser R that is quadratic in theta (the
-paper's smoothness terms, :mod:`msnet.training.regularizers`). Its Gauss–Newton matrix is
+paper's smoothness terms, :mod:`msnet.methods.regularizers`). Its Gauss–Newton matrix is
 
     G = J_f^T H_CE J_f + grad^2 R + lambda_wd I,     H_CE = (diag(p_i) - p_i p_i^T) / B per sample,
 
@@ -117,7 +117,7 @@ class GaussNewton:
 class QuadraticHessian:
     """v -> grad^2 R v for a penalty ``R()`` that is quadratic in ``params`` (a constant matrix).
 
-    ``penalty`` reads the live parameters (as :func:`msnet.training.regularizers.build_regularizer`'s
+    ``penalty`` reads the live parameters (as :func:`msnet.methods.regularizers.build_regularizer`'s
     closure does); ``None`` is R = 0. Parameters R does not depend on get 0. Build it again
     after changing the parameters in place (autograd's saved values would be stale).
     """

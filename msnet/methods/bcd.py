@@ -11,14 +11,14 @@ weights and across layers. msnet's iteration, on a mini-batch (x, y) of B images
    the classifier fixed. One forward/backward pass on the whole batch gives the objective
    J and its gradient g. The Gauss–Newton matrix G = J_f^T H_CE J_f (+ the Hessian of the
    time-smoothness penalty, + weight decay) is applied matrix-free on the first
-   ``hessian_subsample`` of the (already shuffled) batch (:class:`msnet.training.newton.GaussNewton`:
+   ``hessian_subsample`` of the (already shuffled) batch (:class:`msnet.methods.newton.GaussNewton`:
    one ``jvp`` and one ``vjp`` per product). ``cg_iters`` CG iterations on
    (G + damping I) d = -g, then an Armijo backtracking line search on the whole batch from
    a = ``lr``: J(theta + a d) <= J(theta) + c1 a g^T d, a <- a * ``backtrack``, at most
    ``max_backtracks`` times (if all fail the step is not taken).
 2. **Classifier block** theta_c (the full-field classifier's V and mu, or the GAP classifier's
    linear layer) on the features of the accepted network, computed once under no_grad:
-   ``classifier_steps`` inexact Newton–CG steps (:func:`msnet.training.newton.newton_cg`) on the
+   ``classifier_steps`` inexact Newton–CG steps (:func:`msnet.methods.newton.newton_cg`) on the
    convex J(theta_c), including the classifier-smoothness penalty ||grad W||^2, each with at
    most ``classifier_cg_iters`` CG iterations and an Armijo line search from a = 1.
 
@@ -62,13 +62,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.config import BCDConfig, settings_from
 from msnet.core import ODEResNet
-from msnet.training.newton import (
-    GaussNewton, QuadraticHessian, armijo, axpy, conjugate_gradient, cross_entropy_objective, dot, newton_cg,
-)
-from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
+from msnet.methods.newton import GaussNewton, QuadraticHessian, armijo, axpy, conjugate_gradient, cross_entropy_objective, dot, newton_cg
+from msnet.methods.base import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 
 
 DAMPING_RANGE = (1e-8, 1e8)

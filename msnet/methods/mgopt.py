@@ -5,7 +5,7 @@ Gaedke-Merzhäuser, Kopaničáková, Krause, "Multilevel minimization for deep r
 on [0, T], with the nonlinear multigrid method MG/OPT (Nash 2000, "A multigrid approach to
 discretized optimization problems", Optim. Methods Softw. 14) over a hierarchy of networks
 with larger time steps. This module implements that method as an
-:class:`~msnet.training.updates.UpdateRule`; the full text of the paper could not be consulted
+:class:`~msnet.methods.base.UpdateRule`; the full text of the paper could not be consulted
 here, so what follows is exactly what msnet does, with the places where it may deviate.
 
 **Hierarchy.** Level l = 1..L (L finest = the network being trained) has N_l = N_L / 2^(L-l)
@@ -66,7 +66,7 @@ cycle is also what fits the trainer's one-batch-per-step loop); an epoch is one 
 gates, so coherence holds only in expectation (exactly with ``p_last = 1``).
 
 **Smoothers.** Level l's smoother is the optimiser ``optimizer.name`` of the registry
-(:func:`~msnet.training.optim.build_optimizer`) over level l's parameters, learning rate
+(:func:`~msnet.methods.first_order.build_optimizer`) over level l's parameters, learning rate
 ``optimizer.lr`` on the finest level and ``coarse_lr_factor`` times it on the coarse levels, with
 the same per-epoch schedule; weight decay and momentum act inside the smoother and are not part
 of psi_l. Each smoother is created once and keeps its state across cycles. For Adam this means
@@ -101,17 +101,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from msnet import MsnetError
-from msnet.config import MGOptConfig, settings_from
+from msnet.errors import MsnetError
+from msnet.config import Cycle, MGOptConfig, settings_from
 from msnet.core import INTEGRATORS, ODEResNet
 from msnet.multigrid.time import TIME_PROLONGATIONS, TIME_RESTRICTIONS
-from msnet.training.hierarchy import (HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse,
-                                      hierarchy_parts, move, nested_settings)
-from msnet.training.optim import build_optimizer, build_scheduler, check_optimizer
-from msnet.training.updates import UPDATE_RULES, Penalty, StepOutput, UpdateRule
-
-CYCLES = {"V": 1, "W": 2}
-"""Cycle name (:class:`~msnet.config.Cycle`) -> gamma, the number of recursive cycles that solve each coarse problem."""
+from msnet.methods.hierarchy import HierarchyLevel, build_transfers, check_saved_depths, coarse_depths, couple_coarse, hierarchy_parts, move, nested_settings
+from msnet.methods.first_order import build_optimizer, build_scheduler, check_optimizer
+from msnet.methods.base import UPDATE_RULES, Penalty, StepOutput, UpdateRule
 FORWARD_COST = 1.0 / 3.0
 """Cost of a forward-only evaluation in gradients of the same level (backward ~ 2 forwards)."""
 
@@ -137,7 +133,7 @@ def mgopt_settings(trainer_cfg: Any) -> MGOptConfig:
 
 @dataclass
 class MGLevel(HierarchyLevel):
-    """One level of the MG/OPT hierarchy (:class:`~msnet.training.hierarchy.HierarchyLevel`) with its smoother:
+    """One level of the MG/OPT hierarchy (:class:`~msnet.methods.hierarchy.HierarchyLevel`) with its smoother:
     ``optimizer`` over ``params`` and its per-epoch ``scheduler``."""
 
     optimizer: Optional[torch.optim.Optimizer] = None
@@ -145,7 +141,7 @@ class MGLevel(HierarchyLevel):
 
     def smooth(self, xb: torch.Tensor, yb: torch.Tensor, grad_clip: Optional[float]
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One smoother step on psi (on the finest level exactly :class:`~msnet.training.updates.FirstOrder`'s
+        """One smoother step on psi (on the finest level exactly :class:`~msnet.methods.first_order.FirstOrder`'s
         step); returns the data loss and logits before it."""
         psi, loss, logits = self.objective(xb, yb)
         self.optimizer.zero_grad(set_to_none=True)
@@ -203,7 +199,7 @@ class MGOpt(UpdateRule):
     def __init__(self, model: ODEResNet, settings: MGOptConfig, opt_cfg: Any, reg_cfg: Any, epochs: int,
                  penalty: Optional[Penalty], grad_clip: Optional[float] = None):
         self.model, self.s, self.grad_clip = model, settings, grad_clip
-        self.gamma = CYCLES[settings.cycle]
+        self.gamma = Cycle(settings.cycle).gamma
         depths = coarse_depths(model.depth(), settings.levels)
         parts = hierarchy_parts(model, depths, settings.prolongation, settings.restriction, reg_cfg, penalty)
         self.levels: List[MGLevel] = []
@@ -298,6 +294,8 @@ class MGOpt(UpdateRule):
         for lv in self.levels[:-1]:
             lv.net.train(self.model.training)
         before = [(lv.grad_evals, lv.forward_evals) for lv in self.levels]
+        if not self._epoch["cycles"]:  # the smoothers' learning rates this epoch (schedulers step at its end)
+            self._epoch["lr"] = [lv.optimizer.param_groups[0]["lr"] for lv in self.levels]
         log, first = _CycleLog(), []
         self._cycle(len(self.levels) - 1, xb, yb, log, first)
         loss, logits = first[0]
@@ -329,7 +327,8 @@ class MGOpt(UpdateRule):
 
     def epoch_stats(self) -> Dict[str, Any]:
         """Cumulative work and evaluations per level (coarsest first); this epoch's share of accepted
-        finest-level corrections and their mean alpha (those two counters restart after each call)."""
+        finest-level corrections and their mean alpha (those two counters restart after each call); ``mg_lr``:
+        the learning rate each level's smoother stepped with in this epoch (coarsest first)."""
         ep = self._epoch
         stats = {
             "work_fge": self.work_fge,
@@ -338,6 +337,7 @@ class MGOpt(UpdateRule):
             "forward_evals": [lv.forward_evals for lv in self.levels],
             "mg_accepted": ep["accepted"] / max(1, ep["cycles"]),
             "mg_alpha": ep["alpha_sum"] / max(1, ep["cycles"]),
+            "mg_lr": ep.get("lr"),
         }
         self._epoch = {"cycles": 0, "accepted": 0, "alpha_sum": 0.0}
         return stats

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from msnet import MsnetError
+from msnet.errors import MsnetError
 from msnet.core import ODEResNet
 from msnet.core.network import FullFieldClassifier
 
