@@ -23,7 +23,8 @@ from tests.test_cli import TINY, msnet
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-GROUPED = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc", "lr": "lr"}
+GROUPED = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",
+           "lr": "lr"}  # metrics.jsonl key -> the trackers' name
 
 
 @pytest.fixture(autouse=True)
@@ -261,14 +262,19 @@ def test_logger_none_writes_no_tracking_file_and_old_configs_read_as_none(tiny_c
 
 def test_an_old_checkpoints_logger_reads_as_todays_form(tmp_path):
     # before the registry a config held one tracker as logger.name with its keys beside it; a resume overriding a
-    # key of the new form (logger.mlflow.experiment=new) adds it beside them
+    # key of the new form (logger.mlflow.experiment=new) adds it beside them, after load_checkpoint's upgrade
+    from omegaconf import open_dict
+
+    from msnet.config import upgrade_config
     from msnet.runs.tracking import chosen, logger_config, saved_states
 
-    old = OmegaConf.create({"logger": {"name": "mlflow", "tracking_uri": "sqlite:///x.db", "experiment": "old",
-                                       "run_name": None, "mlflow": {"experiment": "new"}}})
-    lg = logger_config(old)
-    assert [n for n, _ in chosen(lg)] == ["mlflow"] and lg.mlflow.tracking_uri == "sqlite:///x.db"
-    assert lg.mlflow.experiment == "new" and lg.log_checkpoint is False and lg.tensorboard is None
+    old = {"logger": {"name": "mlflow", "tracking_uri": "sqlite:///x.db", "experiment": "old", "run_name": None}}
+    for saved in (OmegaConf.create(old), OmegaConf.create(upgrade_config(old))):  # as saved, as load_checkpoint has it
+        with open_dict(saved):  # what resumed_config does with the override
+            OmegaConf.update(saved, "logger.mlflow.experiment", "new", merge=False, force_add=True)
+        lg = logger_config(saved)
+        assert [n for n, _ in chosen(lg)] == ["mlflow"] and lg.mlflow.tracking_uri == "sqlite:///x.db"
+        assert lg.mlflow.experiment == "new" and lg.log_checkpoint is False and lg.tensorboard is None
     tb = logger_config(OmegaConf.create({"logger": {"name": "tensorboard", "log_dir": None, "flush_secs": 3}}))
     assert tb.tensorboard.flush_secs == 3 and tb.mlflow is None
     (tmp_path / "tracking.json").write_text(json.dumps({"logger": "tensorboard", "log_dir": "/tb", "steps": 4}))
@@ -332,7 +338,8 @@ def test_a_tracker_failing_mid_run_is_one_warning_and_the_run_finishes(tiny_cfg,
     monkeypatch.setattr(tracker_cls, "log_metrics", counted("log_metrics", real_metrics))
     for name in ("log_summary", "log_figure"):
         monkeypatch.setattr(tracker_cls, name, counted(name))
-    summary = train(tiny_cfg([f"logger={logger}", "trainer.epochs=3"]), tmp_path / "run")
+    store = [f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if logger == "mlflow" else []
+    summary = train(tiny_cfg([f"logger={logger}", "trainer.epochs=3", *store]), tmp_path / "run")
 
     assert summary["status"] == "completed" and summary["epochs"] == 3
     assert calls == {"log_metrics": 2}  # nothing after the failure: no third epoch, no summary, no figures

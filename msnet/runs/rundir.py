@@ -57,7 +57,7 @@ class RunDir:
 
     @property
     def tracker_failure(self) -> Optional[str]:
-        """The failed trackers' lines (``summary.json``'s ``tracker_error``), joined by `` | ``; None when none failed."""
+        """The failed trackers' lines (``summary.json``'s ``tracker_error``), joined by `` | ``; None if none failed."""
         return " | ".join(self.failures.values()) or None
 
     def _track(self, method: str, *args: Any, fresh_only: bool = False) -> None:
@@ -71,9 +71,10 @@ class RunDir:
             except Exception as err:  # the run's own files hold everything; a tracker must not end the run
                 text = str(err).strip()
                 first = text.splitlines()[0][:200] if text else ""
-                line = (f"logger={tracker.name} failed in {method} ({type(err).__name__}{': ' + first if first else ''}); "
-                        f"msnet sends it nothing more, and the run's records stay whole in {self.path} (metrics.jsonl, "
-                        f"summary.json); check the tracker ({tracker.hint}) or run without it (logger=none: no tracker)")
+                what = f"{type(err).__name__}{': ' + first if first else ''}"
+                line = (f"logger={tracker.name} failed in {method} ({what}); msnet sends it nothing more, and the run"
+                        f"'s records stay whole in {self.path} (metrics.jsonl, summary.json); check the tracker "
+                        f"({tracker.hint}) or run without it (logger=none: no tracker)")
                 self.failures[tracker.name] = line
                 self.on_tracker_failure(line)
 

@@ -226,7 +226,7 @@ class AbstractTracker(ABC):
 
 
 TRACKERS: Registry[Type[AbstractTracker]] = Registry("logger")
-"""``logger=NAME`` -> the tracker class; each option's settings are ``logger.NAME`` (:class:`msnet.config.LoggerConfig`)."""
+"""``logger=NAME`` -> the tracker class; its settings are ``logger.NAME`` (:class:`msnet.config.LoggerConfig`)."""
 
 
 @TRACKERS.register("tensorboard")
