@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from msnet import MsnetError
 from msnet.runs import load_checkpoint, read_metrics
 from msnet.training import state as state_module
 from msnet.training import train
+from tests.test_distributed import _free_ports as free_ports
 
 from .conftest import assert_same_weights, strip_times
 
@@ -132,16 +132,6 @@ def test_resume_at_a_level_boundary_with_stochastic_depth(tiny_cfg, tmp_path, cu
 # --- two DDP ranks (gloo, CPU): each rank's stochastic-depth stream comes back ------------------------------------
 
 
-def _free_ports(k):
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _rank_main(rank, world, jobs, ports, scratch):
     """One rank: torchrun's environment, then each job's train(); a job with ``cut`` raises Ctrl-C in that epoch
     on every rank (as torchrun forwards a SIGINT to all of them)."""
@@ -186,7 +176,7 @@ def test_two_ranks_resume_with_stochastic_depth_equals_the_uninterrupted_run(tin
     ]
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    mp.spawn(_rank_main, args=(2, jobs, _free_ports(len(jobs)), str(scratch)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, jobs, free_ports(len(jobs)), str(scratch)), nprocs=2, join=True)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["status"] == "interrupted"
     assert load_checkpoint(ck)["epoch"] == 1
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
